@@ -1,0 +1,87 @@
+"""Image loading that every BoLID stage shares: decode checks, EXIF orientation, RGB conversion.
+
+One function, :func:`load_image`, turns a path, bytes or PIL image into an upright RGB
+``PIL.Image``. Anything that is not a decodable image (a text file, a truncated JPEG, an
+HTML error page saved as ``.jpg``) raises :class:`ImageError` naming the input, so callers
+can count and skip it instead of crashing mid-run.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Refuse images with more pixels than this (decompression bombs); ~ 16k x 16k.
+MAX_IMAGE_PIXELS = 256_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names the input."""
+
+
+def _name(src) -> str:
+    if isinstance(src, (str, Path)):
+        return str(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src)} bytes>"
+    return f"<{type(src).__name__}>"
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any mode to RGB: greyscale and CMYK are converted, alpha is composited on ``background``."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, background)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
+def image_size(src: str | Path | bytes) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (no pixel decode), after EXIF orientation.
+
+    Raises:
+        ImageError: the header cannot be read.
+    """
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{_name(src)}: not a readable image ({e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``src`` fully into an upright RGB image.
+
+    Args:
+        src: a path, encoded bytes, or an already open PIL image.
+        draft: if given, let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while staying at least this
+            ``(width, height)`` (Pillow's ``Image.draft``), which is much cheaper than a full decode.
+
+    Raises:
+        ImageError: not an image, truncated or corrupt, or larger than :data:`MAX_IMAGE_PIXELS`.
+    """
+    try:
+        if isinstance(src, Image.Image):
+            img = src
+        else:
+            img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+        if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+            raise ImageError(f"{_name(src)}: {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_PIXELS} pixels")
+        if draft is not None and img.format == "JPEG":
+            orientation = img.getexif().get(0x0112, 1)
+            dw, dh = (draft[1], draft[0]) if orientation in (5, 6, 7, 8) else draft
+            img.draft("RGB", (dw, dh))
+        img.load()  # full decode: raises on truncated data
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{_name(src)}: not a readable image ({type(e).__name__}: {e})") from None
