@@ -1,0 +1,36 @@
+# BoLID - one Makefile for set-up, data, training, evaluation and benchmarks.
+# `make help` lists the targets. Variables can be overridden: `make shards IN=... OUT=...`.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-all lint format
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv, install torch if none is present, then bolid in editable mode with dev extras
+	@if [ ! -x $(PY) ]; then \
+	  if $(SYSTEM_PYTHON) -c "import torch, torchvision" 2>/dev/null; then \
+	    echo "setup: keeping the system's torch $$($(SYSTEM_PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	    $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(SYSTEM_PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || { \
+	  echo "setup: installing $(TORCH_PINS)"; $(PY) -m pip install -q $(TORCH_PINS); }
+	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c "import torch, diffusers, transformers, lightning, open_clip, scrapy, webdataset; \
+	  print(f'setup: ok (torch {torch.__version__}, cuda={torch.cuda.is_available()}, diffusers {diffusers.__version__}, transformers {transformers.__version__})')"
+
+test:  ## run the test suite (CPU only, tiny kit, offline)
+	$(PY) -m pytest -q -m "not gpu"
+
+lint:  ## ruff
+	$(PY) -m ruff check .
+
+format:  ## ruff format + autofix
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .

@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: paths to fixtures and the shared test photos, tiny components built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep every test offline and quiet, whatever the machine's environment says.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_TESTDATA = Path(os.environ.get("BOLID_SHARED_TESTDATA", ROOT.parent / "shared" / "testdata"))
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def shared_testdata() -> Path:
+    """The shared real-photo folder (not redistributable, so not in the repo); skips when absent."""
+    if not SHARED_TESTDATA.is_dir():
+        pytest.skip(f"shared test photos not found at {SHARED_TESTDATA}")
+    return SHARED_TESTDATA
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from bolid.tiny import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline()
