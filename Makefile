@@ -7,7 +7,7 @@ SYSTEM_PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all lint format
+.PHONY: help setup test lint format crawl
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,3 +34,7 @@ lint:  ## ruff
 format:  ## ruff format + autofix
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+crawl:  ## crawl ThePlace into OUT (configs/crawl.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
+	$(PY) -m crawler $(if $(OUT),--out $(OUT)) $(if $(PERSONS),--persons $(PERSONS)) \
+	  $(if $(BASE_URL),--base-url $(BASE_URL)) $(CRAWL_ARGS)
