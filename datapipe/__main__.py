@@ -1,0 +1,100 @@
+"""``python -m datapipe``: build identity-grouped WebDataset shards from crawled or own photos.
+
+python -m datapipe build --config configs/shards.yaml --in IN --out OUT
+python -m datapipe build ... --num-parts 8 --part 3     # one of 8 machines
+python -m datapipe merge OUT                            # after all parts finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from datapipe import __doc__ as PACKAGE_DOC
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m datapipe",
+        description=(PACKAGE_DOC or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Shard format: see datapipe/shards.py. Run `python -m datapipe build -h` for the build options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    b = sub.add_parser(
+        "build",
+        help="run the pipeline (all of it, or one part of a scale-out run)",
+        description=(
+            "Ingest and validate -> person and keypoints -> identity filter -> captions -> shards. "
+            "Restartable: re-running after a crash or after adding images repeats no finished work."
+        ),
+    )
+    b.add_argument("--config", required=True, help="YAML settings: configs/shards.yaml, configs/shards_tiny.yaml")
+    b.add_argument(
+        "--in",
+        dest="in_dir",
+        required=True,
+        metavar="IN",
+        help="crawler output (with manifest.jsonl) or a folder of <identity>/<image> files",
+    )
+    b.add_argument("--out", dest="out_dir", required=True, metavar="OUT", help="output folder for shards and index")
+    b.add_argument("--components", choices=["real", "tiny"], help="override the config: real weights or the tiny kit")
+    b.add_argument("--device", help="torch device for the models (cpu, cuda, cuda:1; default: config, auto)")
+    b.add_argument("--batch-size", type=int, help="images per model batch for pose and captions (default: config)")
+    b.add_argument("--workers", type=int, help="CPU worker processes for decode/resize/encode (0: in-process)")
+    b.add_argument(
+        "--num-parts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the identities into N parts, one per machine (default 1)",
+    )
+    b.add_argument("--part", type=int, default=0, metavar="I", help="which part this run builds, 0 <= I < N")
+
+    m = sub.add_parser(
+        "merge",
+        help="combine the parts of a scale-out run into index.json and stats.json",
+        description="Write OUT/index.json, stats.json and rejects.jsonl from OUT/parts/ when all parts are done.",
+    )
+    m.add_argument("out_dir", metavar="OUT", help="the --out folder all parts wrote to")
+    m.add_argument("--num-parts", type=int, help="which run's parts, when parts of several --num-parts are present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "build":
+            from datapipe.build import build
+            from datapipe.config import BuildConfig
+
+            if args.batch_size is not None and args.batch_size < 1:
+                raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+            if args.workers is not None and args.workers < 0:
+                raise ValueError(f"--workers must be >= 0, got {args.workers}")
+            config = BuildConfig.from_yaml(args.config).replace(
+                components=args.components,
+                device=args.device,
+                workers=args.workers,
+                pose__batch_size=args.batch_size,
+                caption__batch_size=args.batch_size,
+            )
+            build(config, args.in_dir, args.out_dir, part=args.part, num_parts=args.num_parts)
+        else:
+            from datapipe.index import merge
+
+            merge(args.out_dir, args.num_parts)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        logging.getLogger("datapipe").error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""``build``: one part of the pipeline from an input folder to shards, restartable at any point.
+
+Stages, in the order they run (each one counts what it rejects and why, :mod:`datapipe.stats`):
+
+1. ``ingest`` (:mod:`datapipe.ingest`): header size check, decode check, SHA-256 and pHash
+   dedupe; each accepted image is stored resized (worker pool).
+2. ``pose`` (:mod:`datapipe.annotate`): person boxes and keypoints, batched; person rules.
+3. ``identities``: drop identities with fewer than ``identities.min_photos`` accepted images.
+   It runs before captioning, which never rejects, so that BLIP-2 (the slowest model) does not
+   caption people who would be dropped; the shards are the same either way.
+4. ``caption``: BLIP-2 captions, batched.
+5. ``shards`` (:mod:`datapipe.shards`): identity-grouped WebDataset shards, each written to a
+   temporary name and renamed; then this part's index (:mod:`datapipe.index`).
+
+Every result is cached as soon as it exists (:mod:`datapipe.cache`) and every decision is a
+pure function of the inputs, the settings and the cached results, taken in (identity, sha256)
+order. So a run killed at any point (SIGKILL included) and started again writes the same
+shards as an uninterrupted run, and a run after adding images only works on the new ones. A
+shard whose content is unchanged since the last run is not rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from datapipe.annotate import Captioner, PoseModel, annotate, judge_persons
+from datapipe.cache import Journal, PartLock, StoredImages
+from datapipe.config import BuildConfig
+from datapipe.index import merge, part_tag, write_part
+from datapipe.ingest import Item, decide, discover, part_of, run_probes
+from datapipe.shards import ShardSample, plan_shards, sample_key, shard_name, shard_pattern, write_shard
+from datapipe.stats import Stats
+from datapipe.workers import StoredTask, WorkerPool, stored_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _progress(**kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(unit="img", dynamic_ncols=True, disable=None, **kwargs)
+
+
+def _settings(config: BuildConfig) -> dict:
+    """What every part of one dataset must agree on (batch sizes, device and workers may differ)."""
+    drop = {"batch_size"}
+    return {
+        "components": config.components.kind,
+        "ingest": dataclasses.asdict(config.ingest),
+        "pose": {k: v for k, v in dataclasses.asdict(config.pose).items() if k not in drop},
+        "caption": {k: v for k, v in dataclasses.asdict(config.caption).items() if k not in drop},
+        "identities": dataclasses.asdict(config.identities),
+        "split": dataclasses.asdict(config.split),
+        "shards": dataclasses.asdict(config.shards),
+    }
+
+
+def _summary(stats: Stats, stage: str) -> None:
+    s = stats[stage]
+    why = ", ".join(f"{r} {n}" for r, n in s.rejected.items() if n)
+    log.info("%s: %d in, %d out%s", stage, s.inputs, s.outputs, f" (rejected: {why})" if why else "")
+
+
+def build(
+    config: BuildConfig,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    part: int = 0,
+    num_parts: int = 1,
+    progress=_progress,
+) -> dict:
+    """Run every stage for one part of the identities and write its shards and part index.
+
+    Args:
+        config: the settings (``configs/shards*.yaml`` plus command-line overrides).
+        in_dir: the crawler's output folder (with ``manifest.jsonl``) or an ``<identity>/<image>`` folder.
+        out_dir: where shards, index, stats and the cache go.
+        part: which part this run is, ``0 <= part < num_parts``.
+        num_parts: how many parts the identities are split into (one machine each); with 1 the run also
+            merges, writing ``index.json`` and ``stats.json``.
+        progress: a ``tqdm``-like factory for the per-stage progress bars.
+
+    Returns:
+        This part's index (see :func:`datapipe.index.write_part`).
+    """
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ValueError(f"--part must be in [0, --num-parts), got part {part} of {num_parts}")
+    out = Path(out_dir)
+    in_dir = Path(in_dir)
+    if out.resolve() == in_dir.resolve() or in_dir.resolve() in out.resolve().parents:
+        raise ValueError(f"--out {out} must not be inside --in {in_dir}")
+    tag = part_tag(part, num_parts)
+    cache_dir = out / "cache"
+    with PartLock(out / "parts" / f"{tag}.lock"), _model_threads(config):
+        sources, layout = discover(in_dir)
+        if not sources:
+            raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
+        sources = [s for s in sources if part_of(s.identity, num_parts) == part]
+        log.info(
+            "%s: %d images of %d identities (%s layout), part %d of %d",
+            in_dir,
+            len(sources),
+            len({s.identity for s in sources}),
+            layout,
+            part,
+            num_parts,
+        )
+        stats = Stats()
+        stats.identities["found"] = len({s.identity for s in sources})
+        rejects: list[dict] = []
+        sh = config.shards
+        stored = StoredImages(cache_dir / f"stored-{sh.tag}")
+
+        def task(item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
+            return StoredTask(
+                item.sha256, str(stored.directory), str(item.source.path), sh.resolution, sh.quality, sh.resample, draft
+            )
+
+        with WorkerPool(config.num_workers) as pool:
+            # 1. ingest
+            journal = Journal(cache_dir, f"ingest-{sh.tag}", tag, key="path")
+            records = run_probes(
+                sources,
+                config.ingest.min_size,
+                stored,
+                journal,
+                (sh.resolution, sh.quality, sh.resample),
+                pool.map_ordered,
+                progress,
+            )
+            journal.close()
+            items, ingest_rejects = decide(
+                sources, records, config.ingest.min_size, config.ingest.near_duplicate_distance
+            )
+            _count(stats, "ingest", len(items), ingest_rejects)
+            rejects += ingest_rejects
+            _summary(stats, "ingest")
+
+            # 2. pose
+            pose_model = PoseModel(config)
+            journal = Journal(cache_dir, f"pose-{pose_model.fingerprint}", tag, key="sha256")
+            outputs = annotate(items, pose_model, config.pose.batch_size, journal, task, pool, progress, "pose")
+            journal.close()
+            pose_model.close()
+            posed: list[tuple[Item, object]] = []
+            pose_rejects = []
+            for item in items:
+                verdict = judge_persons(outputs[item.sha256]["persons"], config.pose)
+                if verdict.reason is None:
+                    posed.append((item, verdict))
+                else:
+                    pose_rejects.append(_reject("pose", verdict.reason, item, verdict.detail))
+            _count(stats, "pose", len(posed), pose_rejects)
+            rejects += pose_rejects
+            _summary(stats, "pose")
+
+            # 3. identity filter
+            per_identity = Counter(item.identity for item, _ in posed)
+            min_photos = config.identities.min_photos
+            kept = [(it, v) for it, v in posed if per_identity[it.identity] >= min_photos]
+            id_rejects = [
+                _reject("identities", "too_few_photos", it, f"{per_identity[it.identity]} < {min_photos} photos")
+                for it, v in posed
+                if per_identity[it.identity] < min_photos
+            ]
+            _count(stats, "identities", len(kept), id_rejects)
+            rejects += id_rejects
+            stats.identities["kept"] = len({it.identity for it, _ in kept})
+            _summary(stats, "identities")
+
+            # 4. captions
+            captioner = Captioner(config)
+            journal = Journal(cache_dir, f"caption-{captioner.fingerprint}", tag, key="sha256")
+            kept_items = [it for it, _ in kept]
+            captions = annotate(
+                kept_items, captioner, config.caption.batch_size, journal, task, pool, progress, "caption"
+            )
+            journal.close()
+            captioner.close()
+            stats["caption"].passed(len(kept))
+
+            # 5. shards
+            samples = [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept]
+            shards = _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress)
+            stats["shards"].passed(len(samples))
+            stats.shards = len(shards)
+
+        identities: dict[str, dict] = {}
+        for shard in shards:
+            for identity, n in shard["identities"].items():
+                info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
+                info["count"] += n
+                info["shards"].append(shard["name"])
+        for it, _ in kept:
+            identities[it.identity]["name"] = it.source.name
+        rejects.sort(key=lambda r: (r["identity"], r["path"], r["stage"]))
+        content = {
+            "part": part,
+            "num_parts": num_parts,
+            "layout": layout,
+            "settings": _settings(config),
+            "shards": shards,
+            "identities": identities,
+            "stats": stats.to_dict(),
+        }
+        write_part(out, part, num_parts, content, rejects)
+        log.info(
+            "part %d of %d: %d samples of %d identities in %d shards",
+            part,
+            num_parts,
+            len(samples),
+            len(identities),
+            len(shards),
+        )
+        if not samples:
+            log.warning("no image passed every stage; see %s", out / "rejects.jsonl")
+    if num_parts == 1:
+        merge(out, 1)
+    return content
+
+
+@contextlib.contextmanager
+def _model_threads(config: BuildConfig):
+    """On a CPU device, leave half the cores to the worker processes while models run.
+
+    Torch's OpenMP threads busy-wait at every barrier, so sharing all cores with busy workers (or other jobs)
+    can make a CPU model several times slower. The previous setting is restored afterwards.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if config.resolved_device() == "cpu" and config.num_workers > 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reject(stage: str, reason: str, item: Item, detail: str) -> dict:
+    return {"stage": stage, "reason": reason, "identity": item.identity, "path": item.source.rel, "detail": detail}
+
+
+def _count(stats: Stats, stage: str, passed: int, rejects: list[dict]) -> None:
+    stats[stage].passed(passed)
+    for reason, n in sorted(Counter(r["reason"] for r in rejects).items()):
+        stats[stage].reject(reason, n)
+
+
+def _sample(item: Item, verdict, caption: str) -> ShardSample:
+    person = verdict.person
+    src = item.source
+    return ShardSample(
+        identity=item.identity,
+        name=src.name,
+        caption=caption,
+        width=item.stored_width,
+        height=item.stored_height,
+        original_width=item.width,
+        original_height=item.height,
+        box=tuple(person["box"]),
+        score=person["score"],
+        keypoints=tuple(tuple(k) for k in person["keypoints"]),
+        face_box=None if person["face_box"] is None else tuple(person["face_box"]),
+        num_persons=verdict.num_persons,
+        sha256=item.sha256,
+        url=src.url,
+        page_url=src.page_url,
+        source=src.rel,
+    )
+
+
+def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress) -> list[dict]:
+    """Write this part's shards; unchanged ones (same samples and settings as recorded) are kept as they are."""
+    sh = config.shards
+    by_identity: dict[str, list] = defaultdict(list)
+    for it, sample in samples:
+        by_identity[it.identity].append((it, sample))
+    order = sorted(by_identity)
+    plan = plan_shards([(i, len(by_identity[i])) for i in order], sh.samples_per_shard)
+    pattern = shard_pattern(part, num_parts)
+    for stale in out.glob(".shard-*.tmp"):
+        if pattern.fullmatch(stale.name[1:].rsplit(".", 2)[0]):
+            stale.unlink()  # left by a killed run
+    journal = Journal(cache_dir, "shards", part_tag(part, num_parts), key="name")
+    done = journal.load()
+    planned = []
+    for i, slices in enumerate(plan):
+        members = [m for identity, a, b in slices for m in by_identity[identity][a:b]]
+        metas = [(sample_key(it.identity, it.sha256), s.to_json()) for it, s in members]
+        digest = hashlib.sha256(sh.tag.encode())
+        for key, meta in metas:
+            digest.update(key.encode() + b"\0" + meta + b"\0")
+        name = shard_name(i, part, num_parts)
+        rec, path = done.get(name), out / name
+        fresh = rec is not None and rec["digest"] == digest.hexdigest() and path.is_file()
+        fresh = fresh and path.stat().st_size == rec["bytes"]
+        planned.append((name, slices, members, metas, digest.hexdigest(), fresh))
+    todo = [task(it) for name, _, members, _, _, fresh in planned if not fresh for it, _ in members]
+    jpgs = pool.map_ordered(stored_bytes, todo)
+    shards = []
+    with progress(total=len(samples), desc="shards") as bar:
+        for name, slices, members, metas, digest, fresh in planned:
+            path = out / name
+            if fresh:
+                size = path.stat().st_size
+            else:
+                size = write_shard(path, ((key, next(jpgs), meta) for key, meta in metas))
+                journal.append([{"name": name, "digest": digest, "bytes": size}], fsync=True)
+            counts: dict[str, int] = {}
+            for identity, a, b in slices:
+                counts[identity] = counts.get(identity, 0) + b - a
+            shards.append({"name": name, "count": len(members), "bytes": size, "identities": counts})
+            bar.update(len(members))
+    journal.close()
+    names = {s["name"] for s in shards}
+    for old in out.glob("shard-*.tar"):
+        if pattern.fullmatch(old.name) and old.name not in names:
+            log.info("removing %s: no longer part of the dataset", old)
+            old.unlink()
+    return shards

@@ -1,0 +1,297 @@
+"""Stage 1, ingest and validate: find the input images, check them, dedupe them, store them resized.
+
+Two input layouts are read (:func:`discover`):
+
+* the crawler's output (``crawler/store.py``): ``IN/manifest.jsonl`` with one line per image
+  (identity, name, image_url, page_url, path relative to IN, width, height, sha256);
+* any folder laid out as ``IN/<identity>/<image>`` (subfolders of an identity allowed), so
+  users can bring their own photos; the folder name is the identity.
+
+Each image goes through :func:`probe` in a worker process: the size check reads only the
+header (EXIF orientation applied); then the bytes are hashed (SHA-256), decoded with the
+JPEG draft to the stored size (a truncated or corrupt file fails here), hashed perceptually
+and encoded as the stored JPEG (:mod:`datapipe.resize`). Probes are journalled by source
+path, size and mtime, so a re-run probes only new or changed files. :func:`decide` then
+rejects, in this order and deterministically: missing, unreadable, too large, too small,
+corrupt; exact duplicates (same SHA-256; the first in (identity, path) order is kept);
+near-duplicates within an identity (pHash distance at most the threshold; the image with
+more pixels is kept, ties broken by hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from bolid.images import MAX_IMAGE_PIXELS, ImageError, image_size
+from datapipe.cache import Journal, StoredImages
+from datapipe.phash import from_hex, hamming, phash, to_hex
+from datapipe.resize import encode_jpeg, resize_for_storage
+
+log = logging.getLogger(__name__)
+
+#: File name endings read as images in the folder layout (others are ignored, with a log line).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: where it is and whose it is."""
+
+    identity: str
+    name: str  # display name (the manifest's ``name``; the identity for folders)
+    rel: str  # path relative to IN, POSIX style
+    path: Path
+    url: str | None = None
+    page_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """An image that passed ingest."""
+
+    source: Source
+    sha256: str
+    width: int  # original, upright
+    height: int
+    stored_width: int
+    stored_height: int
+    phash: int
+
+    @property
+    def identity(self) -> str:
+        return self.source.identity
+
+
+def part_of(identity: str, num_parts: int) -> int:
+    """The scale-out part (``0 .. num_parts-1``) an identity belongs to: a stable hash of its name."""
+    return int(hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12], 16) % num_parts
+
+
+def discover(in_dir: Path) -> tuple[list[Source], str]:
+    """All input images sorted by (identity, path), and the layout found (``manifest`` or ``folders``)."""
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise ValueError(f"--in {in_dir}: not a folder")
+    manifest = in_dir / "manifest.jsonl"
+    if manifest.is_file():
+        sources = list(_from_manifest(in_dir, manifest))
+        layout = "manifest"
+    else:
+        sources = list(_from_folders(in_dir))
+        layout = "folders"
+    sources.sort(key=lambda s: (s.identity, s.rel))
+    return sources, layout
+
+
+def _from_manifest(in_dir: Path, manifest: Path) -> Iterator[Source]:
+    bad = 0
+    seen: set[str] = set()
+    with open(manifest, "rb") as fh:
+        for raw in fh:
+            try:
+                rec = json.loads(raw)
+                identity, rel = str(rec["identity"]), str(rec["path"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1  # a torn line from an interrupted crawl, or not a manifest record
+                continue
+            if rel in seen or not identity or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                bad += 1
+                continue
+            seen.add(rel)
+            yield Source(
+                identity, str(rec.get("name") or identity), rel, in_dir / rel, rec.get("image_url"), rec.get("page_url")
+            )
+    if bad:
+        log.warning("%s: ignored %d unreadable or invalid lines", manifest, bad)
+
+
+def _from_folders(in_dir: Path) -> Iterator[Source]:
+    ignored = 0
+    for entry in sorted(os.scandir(in_dir), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            ignored += 1
+            continue
+        for root, dirs, files in os.walk(entry.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                    ignored += 1
+                    continue
+                path = Path(root) / name
+                yield Source(entry.name, entry.name, path.relative_to(in_dir).as_posix(), path)
+    if ignored:
+        log.info("%s: ignored %d files that are not images in an <identity>/ folder", in_dir, ignored)
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """What a worker needs to probe one source (plain data: it crosses process boundaries)."""
+
+    path: str
+    rel: str
+    size: int
+    mtime_ns: int
+    min_size: int
+    stored_dir: str
+    resolution: int
+    quality: int
+    resample: str
+
+
+def probe(task: ProbeTask) -> dict:
+    """Check one image and write its stored JPEG; returns the journal record (never raises on bad data).
+
+    Record fields: ``path`` (relative), ``size``, ``mtime_ns``; then ``error`` (``unreadable``, ``too_large``,
+    ``corrupt``) with ``detail``, or ``width``/``height`` (upright original), ``decoded`` (false when the
+    header already showed it too small), ``sha256``, ``phash`` (16 hex) and ``stored_width``/``stored_height``.
+    """
+    rec: dict = {"path": task.rel, "size": task.size, "mtime_ns": task.mtime_ns}
+    try:
+        w, h = image_size(task.path)
+    except ImageError as e:
+        return {**rec, "error": "unreadable", "detail": str(e)[:300]}
+    rec.update(width=w, height=h, decoded=False)
+    if w * h > MAX_IMAGE_PIXELS:
+        return {**rec, "error": "too_large", "detail": f"{w}x{h} pixels"}
+    if min(w, h) < task.min_size:
+        return rec
+    try:
+        data = Path(task.path).read_bytes()
+    except OSError as e:  # vanished or unreadable since the header was read
+        return {**rec, "error": "unreadable", "detail": str(e)[:300]}
+    sha = hashlib.sha256(data).hexdigest()
+    rec["sha256"] = sha
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = resize_for_storage(img, task.resolution, task.resample)
+    except (ImageError, OSError, ValueError, SyntaxError) as e:
+        return {**rec, "error": "corrupt", "detail": str(e)[:300]}
+    stored = StoredImages(Path(task.stored_dir))
+    if not stored.exists(sha):
+        stored.write(sha, encode_jpeg(rgb, task.quality))
+    rec.update(decoded=True, phash=to_hex(phash(rgb)), stored_width=rgb.width, stored_height=rgb.height)
+    return rec
+
+
+def _reusable(rec: dict | None, size: int, mtime_ns: int, min_size: int, stored: StoredImages) -> bool:
+    if rec is None or rec.get("size") != size or rec.get("mtime_ns") != mtime_ns:
+        return False
+    if "error" in rec:
+        return True
+    if rec.get("decoded"):
+        return stored.exists(rec["sha256"])
+    return min(rec["width"], rec["height"]) < min_size  # header-only record: still too small?
+
+
+def run_probes(
+    sources: list[Source],
+    min_size: int,
+    stored: StoredImages,
+    journal: Journal,
+    settings: tuple[int, int, str],
+    map_ordered: Callable,
+    progress: Callable,
+) -> dict[str, dict]:
+    """Probe every source not already in the journal; returns ``rel -> record`` (missing files absent)."""
+    known = journal.load()
+    records: dict[str, dict] = {}
+    todo: list[ProbeTask] = []
+    for src in sources:
+        try:
+            st = os.stat(src.path)
+        except OSError:
+            continue
+        rec = known.get(src.rel)
+        if _reusable(rec, st.st_size, st.st_mtime_ns, min_size, stored):
+            records[src.rel] = rec
+        else:
+            todo.append(
+                ProbeTask(
+                    str(src.path), src.rel, st.st_size, st.st_mtime_ns, min_size, str(stored.directory), *settings
+                )
+            )
+    if len(records):
+        log.info("ingest: %d of %d images already probed", len(records), len(sources))
+    batch: list[dict] = []
+    with progress(total=len(todo), desc="ingest") as bar:
+        for rec in map_ordered(probe, todo):
+            records[rec["path"]] = rec
+            batch.append(rec)
+            if len(batch) >= 64:
+                journal.append(batch)
+                batch = []
+            bar.update(1)
+    journal.append(batch)
+    return records
+
+
+def decide(
+    sources: list[Source], records: dict[str, dict], min_size: int, near_duplicate_distance: int
+) -> tuple[list[Item], list[dict]]:
+    """Apply the ingest rules (see the module docstring) to probed sources.
+
+    Returns:
+        The accepted items sorted by (identity, sha256), and one reject record per rejected source:
+        ``{stage, reason, identity, path, detail}``.
+    """
+    rejects: list[dict] = []
+
+    def reject(src: Source, reason: str, detail: str = "") -> None:
+        rejects.append(
+            {"stage": "ingest", "reason": reason, "identity": src.identity, "path": src.rel, "detail": detail}
+        )
+
+    first_of: dict[str, Source] = {}
+    candidates: dict[str, list[Item]] = defaultdict(list)
+    for src in sources:
+        rec = records.get(src.rel)
+        if rec is None:
+            reject(src, "missing", "file not found")
+        elif "error" in rec:
+            reject(src, rec["error"], rec.get("detail", ""))
+        elif min(rec["width"], rec["height"]) < min_size:
+            reject(src, "too_small", f"{rec['width']}x{rec['height']} < {min_size}")
+        elif rec["sha256"] in first_of:
+            reject(src, "duplicate", f"same bytes as {first_of[rec['sha256']].rel}")
+        else:
+            first_of[rec["sha256"]] = src
+            candidates[src.identity].append(
+                Item(
+                    src,
+                    rec["sha256"],
+                    rec["width"],
+                    rec["height"],
+                    rec["stored_width"],
+                    rec["stored_height"],
+                    from_hex(rec["phash"]),
+                )
+            )
+    accepted: list[Item] = []
+    for identity in sorted(candidates):
+        kept: list[Item] = []
+        for item in sorted(candidates[identity], key=lambda it: (-it.width * it.height, it.sha256)):
+            twin = next((k for k in kept if hamming(k.phash, item.phash) <= near_duplicate_distance), None)
+            if twin is not None:
+                reject(
+                    item.source,
+                    "near_duplicate",
+                    f"pHash distance {hamming(twin.phash, item.phash)} to {twin.source.rel}",
+                )
+            else:
+                kept.append(item)
+        accepted.extend(sorted(kept, key=lambda it: it.sha256))
+    return accepted, rejects
