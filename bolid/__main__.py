@@ -17,9 +17,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "components": ("bolid.cli.components", "list the pretrained components, where each resolves, and check them"),
     "pose": ("bolid.cli.pose", "extract persons and 17 COCO keypoints from images (JSON lines)"),
+    "generate": ("bolid.cli.generate", "generate images of the person in reference photo(s) from a prompt"),
 }
 # name -> (module with a `main(argv)` function, one-line help): commands with their own parser.
-LIGHTNING_COMMANDS: dict[str, tuple[str, str]] = {}
+LIGHTNING_COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("bolid.train.cli", "train the adapter (LightningCLI; e.g. --config configs/tiny.yaml)"),
+    "validate": ("bolid.train.cli", "validation loss of an adapter checkpoint on held-out identities"),
+    "test": ("bolid.train.cli", "test loss of an adapter checkpoint on the test identities"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,3 +35,27 @@ def tiny_pipe():
     from bolid.tiny import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Identity-grouped shards written by the real datapipe (tiny kit) from a generated photo folder.
+
+    Six identities of five 192x256 photos each (synthetic figures), so that train, validation and test
+    each hold at least one person.
+    """
+    from datapipe.__main__ import main as datapipe_main
+    from datapipe.synthetic import synthetic_photo
+
+    root = tmp_path_factory.mktemp("tiny-shards")
+    photos = root / "photos"
+    for i in range(6):
+        folder = photos / f"person-{i}"
+        folder.mkdir(parents=True)
+        for j in range(5):
+            synthetic_photo(192, 256, seed=100 * i + j, figures=1).save(folder / f"{j}.jpg", quality=90)
+    out = root / "shards"
+    config = ROOT / "configs" / "shards_tiny.yaml"
+    argv = ["build", "--config", str(config), "--in", str(photos), "--out", str(out), "--workers", "0"]
+    assert datapipe_main(argv) == 0
+    return out

@@ -1,0 +1,176 @@
+"""BoLID's training losses as plain torch: diffusion target, differentiable pose, body-ID and CLIP losses.
+
+The objective follows the paper draft (``L = L_diff + α_id·L_id + β_clip·L_clip``):
+
+* ``L_diff``: MSE between the UNet's prediction and the scheduler's target (ε for SDXL and
+  SDXL-Lightning, or ``v`` / the sample for other prediction types), see :func:`diffusion_target`.
+* ``L_id``: body-identity consistency on an image *generated* by the few-step Lightning branch.
+  :class:`DifferentiablePose` runs ViTPose on the generated pixels and reads keypoints from its
+  heatmaps with a soft-argmax, so gradients flow from keypoint positions back into the image and the
+  adapter. :func:`body_identity_loss` compares the pose-invariant proportions
+  (:mod:`bolid.body`) of the generated and reference persons, masked to features visible in both;
+  an optional keypoint-position term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves
+  same-pose training.
+* ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`).
+
+ViTPose-in-the-loss is PuLID's recipe with a body model; evaluation deliberately uses a *different*
+pose model (BlazePose, :mod:`bolid.metrics`) so that the metric cannot be gamed by the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bolid.body import body_features
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for ``scheduler.config.prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def soft_argmax(heatmaps: torch.Tensor, beta: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable keypoint locations from heatmaps.
+
+    Args:
+        heatmaps: ``(B, K, h, w)``.
+        beta: softmax temperature on the heatmap values (ViTPose peaks are ~1, background ~0).
+
+    Returns:
+        coordinates ``(B, K, 2)`` as ``(x, y)`` in heatmap pixels (pixel centres at integers), and the
+        peak value ``(B, K)`` as a confidence.
+    """
+    b, k, h, w = heatmaps.shape
+    flat = heatmaps.float().flatten(2)  # (B, K, h*w)
+    prob = torch.softmax(beta * flat, dim=-1)
+    ys = torch.arange(h, device=heatmaps.device, dtype=prob.dtype).repeat_interleave(w)
+    xs = torch.arange(w, device=heatmaps.device, dtype=prob.dtype).repeat(h)
+    x = (prob * xs).sum(-1)
+    y = (prob * ys).sum(-1)
+    return torch.stack([x, y], -1), flat.amax(-1)
+
+
+class DifferentiablePose(nn.Module):
+    """ViTPose on generated images, end to end differentiable: pixels -> heatmaps -> soft-argmax keypoints.
+
+    The whole image is taken as the person box (the Lightning branch generates one person), padded
+    to ViTPose's 3:4 input aspect as its own processor does, normalised with the processor's mean/std.
+
+    Args:
+        model: a frozen ``VitPoseForPoseEstimation``.
+        processor: its ``VitPoseImageProcessor`` (input size, mean, std).
+        beta: soft-argmax temperature.
+    """
+
+    def __init__(self, model: nn.Module, processor, beta: float = 50.0):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        size = processor.size
+        self.input_hw = (int(size["height"]), int(size["width"]))
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
+        self.beta = beta
+
+    def train(self, mode: bool = True) -> DifferentiablePose:
+        return super().train(False)  # frozen model: always eval mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images in ``[-1, 1]`` -> keypoints ``(B, 17, 3)`` (x, y, confidence) in image pixels."""
+        _, _, h, w = images.shape
+        in_h, in_w = self.input_hw
+        # Pad to the model's aspect (w/h = in_w/in_h) around the centre, as the processor's box padding does.
+        target_w = max(w, round(h * in_w / in_h))
+        target_h = max(h, round(w * in_h / in_w))
+        pad_x, pad_y = (target_w - w) // 2, (target_h - h) // 2
+        x = (images.float() + 1) / 2
+        x = F.pad(x, (pad_x, target_w - w - pad_x, pad_y, target_h - h - pad_y))
+        x = F.interpolate(x, size=(in_h, in_w), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        heatmaps = self.model(pixel_values=x.to(dtype)).heatmaps  # (B, 17, in_h/4, in_w/4)
+        coords, conf = soft_argmax(heatmaps, self.beta)
+        hm_h, hm_w = heatmaps.shape[-2:]
+        # Heatmap pixel centres -> padded-image pixels -> original image pixels.
+        px = (coords[..., 0] + 0.5) * (target_w / hm_w) - pad_x
+        py = (coords[..., 1] + 0.5) * (target_h / hm_h) - pad_y
+        return torch.stack([px, py, conf.to(px.dtype)], -1)
+
+
+def body_identity_loss(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    min_score: float = 0.3,
+    gen_min_score: float | None = None,
+    pose_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared difference of pose-invariant body proportions, masked to what both persons show.
+
+    Args:
+        generated: ``(B, 17, 3)`` keypoints of the generated images (differentiable in x, y).
+        reference: ``(B, 17, 3)`` keypoints of the references (any pixel scale: the features are ratios).
+        min_score: reference keypoints below this are missing.
+        gen_min_score: generated keypoints below this are missing (the confidence is detached, so the
+            mask itself is not optimised); defaults to ``min_score``.
+        pose_weight: weight of the optional keypoint-position term on the normalised coordinates.
+
+    Returns:
+        ``(loss, valid_fraction)``: the mean over valid features (0 with no gradient-carrying terms when
+        nothing is valid), and the fraction of proportion features that were valid.
+    """
+    gen_min_score = min_score if gen_min_score is None else gen_min_score
+    gen = generated.clone()
+    gen[..., 2] = gen[..., 2].detach()
+    fg = body_features(gen, min_score=gen_min_score)
+    fr = body_features(reference.float(), min_score=min_score)
+    mask = fg.proportions_mask * fr.proportions_mask
+    diff = (fg.proportions - fr.proportions.to(fg.proportions)) ** 2
+    n = mask.sum()
+    loss = (diff * mask).sum() / n.clamp(min=1)
+    if pose_weight > 0:
+        vis = fg.visibility * fr.visibility  # (B, 12)
+        pos = ((fg.coords - fr.coords.to(fg.coords)) ** 2).sum(-1)
+        loss = loss + pose_weight * (pos * vis).sum() / vis.sum().clamp(min=1)
+    return loss, n / mask.numel()
+
+
+class ClipTextLoss(nn.Module):
+    """``1 − cos(image, text)`` with a frozen open_clip model (EVA-CLIP), differentiable in the image.
+
+    Args:
+        model: an open_clip model (``encode_image``, ``encode_text``).
+        tokenizer: its tokenizer.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        size = model.visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> ClipTextLoss:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Mean ``1 − cos`` over the batch; ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``."""
+        x = (images.float() + 1) / 2
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        img = self.model.encode_image(x.to(dtype)).float()
+        with torch.no_grad():
+            txt = self.model.encode_text(self.tokenizer(captions).to(x.device)).float()
+        return (1 - F.cosine_similarity(img, txt, dim=-1)).mean()

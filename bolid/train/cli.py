@@ -1,0 +1,34 @@
+"""``bolid fit|validate|test``: LightningCLI over :class:`BoLIDTrainingModule` and :class:`PairDataModule`.
+
+Configs live in ``configs/`` (``tiny.yaml`` for a CPU smoke run, ``stage1.yaml`` / ``stage2.yaml`` for
+real training); every typed ``__init__`` argument is a config key and a ``--model.*`` / ``--data.*`` flag.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from bolid.train.datamodule import PairDataModule
+from bolid.train.module import BoLIDTrainingModule
+
+
+class BoLIDCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.seed", "model.seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Frozen models are in eval mode on purpose (see BoLIDTrainingModule.train); don't warn about it.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    BoLIDCLI(
+        BoLIDTrainingModule,
+        PairDataModule,
+        args=None if argv is None or list(argv) == sys.argv[1:] else list(argv),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "bolid", "description": "Train, validate or test the BoLID adapter."},
+    )
+    return 0

@@ -1,0 +1,470 @@
+"""The LightningModule that trains BoLID's Body-Condition Module on a frozen SDXL.
+
+Objective (paper draft; PuLID's Lightning-branch recipe for the ID terms)::
+
+    L = w_diff · L_diff + w_id · L_id + w_clip · L_clip
+
+* ``L_diff``: the SDXL diffusion loss on the *target* photo, conditioned on its caption and on the face
+  and body vectors of a *reference* photo of the same person (:mod:`bolid.data`). Conditions are
+  dropped at random for classifier-free guidance (text, face, body, or all at once); a dropped
+  identity is the zero vector, exactly the negative that generation uses.
+* ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch generates from pure noise with
+  the same adapter and the target's caption, keeping gradients only through the last ``grad_steps``
+  of its ``lightning_steps`` Euler steps; the VAE decodes, then ViTPose with a soft-argmax reads the
+  body (:class:`bolid.losses.DifferentiablePose`) and EVA-CLIP scores the text (:class:`bolid.losses.ClipTextLoss`).
+
+Guarding against reward hacking (an ID loss that blurs images or bends poses to game the keypoint
+model): (1) ``L_diff`` stays on in every step, so a degraded generator is still penalised on real
+photos; (2) the ID terms compare *pose-invariant proportions* by default, which a blur cannot fake
+(blurred keypoints lose confidence and are masked out, and the mask is detached); (3) the ID branch
+runs only every ``id_every_n_steps`` steps and only after ``id_start_step``, once the adapter gives
+useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/stage2.yaml`` keep the ID
+terms below the diffusion loss, as PuLID weights its alignment losses; (5) evaluation measures Body
+Sim with a *different* pose model (BlazePose).
+
+Everything frozen (UNets, VAE, text encoders, EVA-CLIP, ViTPose) stays in eval mode and in
+``frozen_dtype``; only :meth:`bolid.adapter.BodyConditionModule.trainable_parameters` get gradients,
+and checkpoints hold only those plus the optimiser (and EMA) state. Randomness per step (noise,
+timesteps, condition dropout) is drawn from a generator seeded by ``(seed, global_step, rank)``, so a
+resumed run continues exactly where the killed one would have gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
+from bolid.config import ComponentsConfig
+from bolid.image_encoder import ClipImageEncoder
+from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+class BoLIDTrainingModule(L.LightningModule):
+    """Trains the Body-Condition Module (adapter + encoder heads) on a frozen SDXL.
+
+    Args:
+        components: ``tiny``, ``real`` or ``{kind: real, overrides: {sdxl: /path, ...}}``.
+        stage: 1 = reconstruction only on the SDXL base UNet; 2 = adds the body-ID and CLIP losses on the
+            Lightning branch (needs the SDXL-Lightning UNet, ViTPose and EVA-CLIP).
+        adapter: settings of a new adapter (see :class:`bolid.adapter.AdapterConfig`).
+        init_adapter: start from this adapter folder (e.g. stage 1's output for stage 2).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warmup from 0, in optimiser steps.
+        w_diff: weight of the diffusion loss.
+        w_id: weight of the body-identity loss (stage 2).
+        w_clip: weight of the EVA-CLIP text loss (stage 2).
+        id_pose_weight: weight of the optional keypoint-position term (same-pose training); 0 = proportions only.
+        drop_text: probability of dropping the caption (zero text embedding).
+        drop_face: probability of dropping the face vector.
+        drop_body: probability of dropping the body vector.
+        drop_all: probability of dropping text, face and body together.
+        lightning_steps: Euler steps of the Lightning branch (the checkpoint's step count: 2, 4 or 8).
+        grad_steps: keep gradients through the last this many branch steps (k).
+        id_every_n_steps: run the Lightning branch every this many training steps.
+        id_start_step: first training step that runs the Lightning branch.
+        branch_resolution: image side of the Lightning branch (768 as PuLID; smaller on small GPUs).
+        min_score: keypoint confidence below which a keypoint counts as missing in ``L_id``.
+        frozen_dtype: dtype of the frozen models: ``fp32``, ``bf16`` or ``fp16`` (needs a mixed-precision
+            Trainer).
+        gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+        ema_decay: keep an exponential moving average of the adapter weights with this decay (``null`` = off).
+        seed: base seed for per-step randomness.
+        sample_every_n_steps: log a sample grid (reference | with ID | without ID) every this many steps
+            (0 = off).
+        sample_steps: sampler steps for the grid (the Lightning UNet's count when present).
+    """
+
+    def __init__(
+        self,
+        components: str | dict = "real",
+        stage: int = 1,
+        adapter: dict | None = None,
+        init_adapter: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 500,
+        w_diff: float = 1.0,
+        w_id: float = 0.0,
+        w_clip: float = 0.0,
+        id_pose_weight: float = 0.0,
+        drop_text: float = 0.05,
+        drop_face: float = 0.05,
+        drop_body: float = 0.05,
+        drop_all: float = 0.05,
+        lightning_steps: int = 4,
+        grad_steps: int = 1,
+        id_every_n_steps: int = 1,
+        id_start_step: int = 0,
+        branch_resolution: int = 768,
+        min_score: float = 0.3,
+        frozen_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
+        ema_decay: float | None = None,
+        seed: int = 0,
+        sample_every_n_steps: int = 0,
+        sample_steps: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = ComponentsConfig.parse(components)
+        if stage not in (1, 2):
+            raise ValueError(f"model.stage must be 1 or 2, got {stage}")
+        for name in ("drop_text", "drop_face", "drop_body", "drop_all"):
+            if not 0.0 <= locals()[name] <= 1.0:
+                raise ValueError(f"model.{name} must be a probability in [0, 1], got {locals()[name]}")
+        if min(w_diff, w_id, w_clip, id_pose_weight) < 0:
+            raise ValueError("model.w_diff, model.w_id, model.w_clip and model.id_pose_weight must be >= 0")
+        if stage == 1 and (w_id > 0 or w_clip > 0):
+            raise ValueError("model.w_id / model.w_clip need the Lightning branch: set model.stage: 2")
+        if not 1 <= grad_steps <= lightning_steps:
+            raise ValueError(f"model.grad_steps must be in [1, lightning_steps={lightning_steps}], got {grad_steps}")
+        if frozen_dtype not in _DTYPES:
+            raise ValueError(f"model.frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        if id_every_n_steps < 1 or warmup_steps < 0 or sample_every_n_steps < 0:
+            raise ValueError("model.id_every_n_steps must be >= 1; warmup_steps and sample_every_n_steps >= 0")
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self._build(adapter, init_adapter)
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def _build(self, adapter_settings: dict | None, init_adapter: str | None) -> None:
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+        from bolid import components as comp
+        from bolid import tiny
+
+        hp = self.hparams
+        tiny_kit = self.cfg.tiny
+        if tiny_kit:
+            parts = tiny.tiny_sdxl_components()
+            eva, _, eva_tok = tiny.tiny_eva_clip()
+            eva_name = tiny.TINY_EVA_CLIP
+        else:
+            parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
+            eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
+            eva_name = self.cfg.source("eva_clip") or comp.COMPONENTS["eva_clip"].default
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self.text_encoder_2 = parts["text_encoder_2"]
+        self._prompt_pipe = StableDiffusionXLPipeline(**{**parts, "image_encoder": None, "feature_extractor": None})
+        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.lightning_unet = None
+        self.pose = None
+        self.clip_loss = None
+        if hp.stage == 2 or hp.sample_every_n_steps:
+            if tiny_kit:
+                self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
+            elif hp.stage == 2:
+                self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
+        self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
+        if hp.stage == 2:
+            if tiny_kit:
+                pose_model, pose_proc = tiny.tiny_vitpose()
+            else:
+                pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
+            self.pose = DifferentiablePose(pose_model, pose_proc)
+            self.clip_loss = ClipTextLoss(eva, eva_tok)
+        image_encoder = ClipImageEncoder(eva, eva_name)
+        if init_adapter:
+            self.adapter = BodyConditionModule.load(init_adapter, self.unet, image_encoder)
+            if adapter_settings:
+                log.warning("model.adapter settings are ignored: the adapter comes from %s", init_adapter)
+        else:
+            self.adapter = BodyConditionModule(
+                self.unet, image_encoder, AdapterConfig.from_dict(adapter_settings or {})
+            )
+        self.adapter.install(self.unet)
+        if self.lightning_unet is not None:
+            self.adapter.install(self.lightning_unet)
+        # Freeze everything, cast the frozen parts, then re-enable (and keep in fp32) the trainable ones.
+        self.requires_grad_(False)
+        dtype = _DTYPES[hp.frozen_dtype]
+        if dtype != torch.float32:
+            frozen = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.lightning_unet, self.pose)
+            for module in (*frozen, image_encoder, self.clip_loss.model if self.clip_loss is not None else None):
+                if module is not None:
+                    module.to(dtype)
+        for p in self.adapter.trainable_parameters():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if hp.gradient_checkpointing:
+            for unet in (self.unet, self.lightning_unet):
+                if unet is not None:
+                    unet.enable_gradient_checkpointing()
+        self._ema: dict[str, torch.Tensor] | None = None
+
+    def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        ids = {id(p) for p in self.adapter.trainable_parameters()}
+        return {f"adapter.{n}": p for n, p in self.adapter.named_parameters() if id(p) in ids}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen models always run in eval mode (dropout off, norms fixed); only the adapter follows `mode`.
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.lightning_unet):
+            if module is not None:
+                module.eval()
+        self.adapter.train(mode)
+        return self
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _generator(self, salt: int = 0) -> torch.Generator:
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 9_176 + rank * 131 + salt) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL prompt embeddings ``(B, 77, 2048)`` and pooled ``(B, 1280)`` (diffusers' own ``encode_prompt``)."""
+        embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
+            captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds, pooled
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixels.to(vae_dtype)).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in ``[-1, 1]`` (differentiable; the VAE's weights are frozen)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def _identity(self, batch: dict, keep_face: torch.Tensor | None = None) -> IdentityEmbeds:
+        return self.adapter.encode(
+            batch["ref_pixels"], batch["ref_keypoints"], face_visible=keep_face, boxes=batch["ref_box"]
+        )
+
+    def _unet(self, unet, latents, t, text, pooled, time_ids, embeds: IdentityEmbeds) -> torch.Tensor:
+        dtype = next(unet.parameters()).dtype
+        kwargs = self.adapter.unet_kwargs(
+            embeds.to(dtype=dtype),
+            latents,
+            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
+        )
+        return unet(latents.to(dtype), t, encoder_hidden_states=text.to(dtype), **kwargs).sample.float()
+
+    # ---------------------------------------------------------------------------------------- losses
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: bool = True) -> torch.Tensor:
+        hp, b = self.hparams, batch["pixels"].shape[0]
+        latents = self.encode_latents(batch["pixels"], generator).float()
+        text, pooled = self.encode_text(batch["caption"])
+        u = torch.rand(b, 4, generator=generator, device=self.device)
+        drop_all = u[:, 0] < hp.drop_all if dropout else torch.zeros(b, dtype=torch.bool, device=self.device)
+        drop_text = (u[:, 1] < hp.drop_text) | drop_all if dropout else drop_all
+        keep_face = ~((u[:, 2] < hp.drop_face) | drop_all) if dropout else ~drop_all
+        drop_body = (u[:, 3] < hp.drop_body) | drop_all if dropout else drop_all
+        text = text * (~drop_text).to(text.dtype)[:, None, None]
+        pooled = pooled * (~drop_text).to(pooled.dtype)[:, None]
+        embeds = self._identity(batch, keep_face)
+        embeds = IdentityEmbeds(
+            embeds.face, embeds.body * (~drop_body).to(embeds.body.dtype)[:, None], embeds.face_visible
+        )
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = diffusion_target(self.noise_scheduler, latents, noise, t)
+        pred = self._unet(self.unet, noisy, t, text, pooled, batch["time_ids"], embeds)
+        return F.mse_loss(pred, target.float())
+
+    def lightning_branch(
+        self,
+        embeds: IdentityEmbeds,
+        captions: list[str],
+        generator: torch.Generator,
+        resolution: int,
+        steps: int,
+        grad_steps: int = 0,
+        unet=None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """Generate images ``(B, 3, R, R)`` in ``[-1, 1]`` from pure noise with trailing Euler.
+
+        Gradients flow only through the last ``grad_steps`` steps and the VAE decode (0 = none).
+        """
+        from diffusers import EulerDiscreteScheduler
+
+        unet = unet or self.lightning_unet or self.unet
+        b = len(captions)
+        scheduler = EulerDiscreteScheduler.from_config(self.sample_scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (b, unet.config.in_channels, resolution // factor, resolution // factor)
+        latents = torch.randn(shape, generator=generator, device=self.device) * scheduler.init_noise_sigma
+        text, pooled = self.encode_text(captions)
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
+        time_ids = time_ids[None].repeat(b, 1).float()
+        zero = IdentityEmbeds(torch.zeros_like(embeds.face), torch.zeros_like(embeds.body), embeds.face_visible)
+        for i, t in enumerate(scheduler.timesteps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= steps - grad_steps):
+                x = scheduler.scale_model_input(latents, t)
+                if guidance > 1.0:
+                    both = IdentityEmbeds(
+                        torch.cat([zero.face, embeds.face]),
+                        torch.cat([zero.body, embeds.body]),
+                        torch.cat([embeds.face_visible, embeds.face_visible]),
+                    )
+                    out = self._unet(
+                        unet,
+                        torch.cat([x, x]),
+                        t,
+                        torch.cat([torch.zeros_like(text), text]),
+                        torch.cat([torch.zeros_like(pooled), pooled]),
+                        torch.cat([time_ids, time_ids]),
+                        both,
+                    )
+                    uncond, cond = out.chunk(2)
+                    pred = uncond + guidance * (cond - uncond)
+                else:
+                    pred = self._unet(unet, x, t, text, pooled, time_ids, embeds)
+                latents = scheduler.step(pred, t, latents).prev_sample
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad_steps > 0):
+            return self.decode(latents)
+
+    def id_losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        embeds = self._identity(batch)
+        images = self.lightning_branch(
+            embeds, batch["caption"], generator, hp.branch_resolution, hp.lightning_steps, hp.grad_steps
+        )
+        kp = self.pose(images)
+        l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
+        out = {"loss_id": l_id, "id_valid": valid.detach()}
+        if hp.w_clip > 0:
+            out["loss_clip"] = self.clip_loss(images, batch["caption"])
+        return out
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        generator = self._generator()
+        parts = {"loss_diff": self.diffusion_loss(batch, generator)}
+        loss = hp.w_diff * parts["loss_diff"]
+        step = self.global_step
+        if hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0:
+            parts.update(self.id_losses(batch, self._generator(salt=1)))
+            loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({values}); stopping. The last good checkpoint is kept "
+                "(resume with --ckpt_path last); lower model.lr or check the data."
+            )
+        bs = batch["pixels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
+        loss = self.diffusion_loss(batch, generator, dropout=False)
+        self.log("val/loss_diff", loss, prog_bar=True, batch_size=batch["pixels"].shape[0], sync_dist=True)
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
+        loss = self.diffusion_loss(batch, generator, dropout=False)
+        self.log("test/loss_diff", loss, batch_size=batch["pixels"].shape[0], sync_dist=True)
+        return loss
+
+    # --------------------------------------------------------------------------------------- optimiser
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = list(self.trainable_named_parameters().values())
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(hp.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if self.hparams.frozen_dtype != "fp32" and "mixed" not in precision and "true" not in precision:
+            raise ValueError(
+                f"model.frozen_dtype={self.hparams.frozen_dtype} needs a mixed-precision trainer "
+                f"(trainer.precision: bf16-mixed), got trainer.precision={precision}"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "sync_to_trainer"):
+            dm.sync_to_trainer()
+
+    # -------------------------------------------------------------------------------------------- EMA
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Inside the step (not in on_train_batch_end), so a checkpoint taken after this batch includes it.
+        self._update_ema()
+
+    def _update_ema(self) -> None:
+        decay = self.hparams.ema_decay
+        if decay is None:
+            return
+        params = self.trainable_named_parameters()
+        if self._ema is None:
+            self._ema = {k: p.detach().clone() for k, p in params.items()}
+            return
+        with torch.no_grad():
+            for k, p in params.items():
+                self._ema[k].lerp_(p.detach(), 1.0 - decay)
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights in :meth:`BodyConditionModule.adapter_state_dict` naming, or ``None``."""
+        if self._ema is None:
+            return None
+        return {k.removeprefix("adapter."): v.detach().clone() for k, v in self._ema.items()}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trainable_named_parameters())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self._ema is not None:
+            checkpoint["ema"] = {k: v.cpu() for k, v in self._ema.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = set(self.trainable_named_parameters())
+        missing = expected - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} adapter weights (e.g. {sorted(missing)[0]}): "
+                "it was made for another model configuration"
+            )
+        if "ema" in checkpoint:
+            self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+
+    def save_adapter(self, path: str | Path, ema: bool = False) -> Path:
+        """Write the adapter folder (weights + settings); ``ema=True`` writes the EMA weights instead."""
+        if not ema or self._ema is None:
+            return self.adapter.save(path)
+        current = {k: v.detach().clone() for k, v in self.adapter.adapter_state_dict().items()}
+        try:
+            self.adapter.load_state_dict(self.ema_state_dict(), strict=False)
+            return self.adapter.save(path)
+        finally:
+            self.adapter.load_state_dict(current, strict=False)

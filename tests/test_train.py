@@ -1,0 +1,207 @@
+"""Training: identity pairs, the three losses, overfitting a fixed batch, exact resume, and the tiny config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from bolid.data import PairDataset, identity_pairs, resize_and_crop
+from bolid.train.datamodule import PairDataModule
+from bolid.train.module import BoLIDTrainingModule, NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(**kw) -> BoLIDTrainingModule:
+    args = dict(components="tiny", stage=2, w_id=0.3, w_clip=0.1, lightning_steps=2, grad_steps=1,
+                branch_resolution=64, warmup_steps=0, lr=1e-3)  # fmt: skip
+    args.update(kw)
+    return BoLIDTrainingModule(**args)
+
+
+def _batch(shards: Path, split: str = "train", batch_size: int = 2) -> dict:
+    from datapipe.shards import read_index
+
+    ds = PairDataset.from_index(
+        read_index(shards), split, train=False, resolution=64, ref_size=64, batch_size=batch_size
+    )
+    return next(iter(ds))
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+
+
+def test_pairs_never_self_and_never_cross_identities():
+    samples = [{"identity": f"p{i}", "__key__": f"p{i}_{j}"} for i, n in enumerate([3, 1, 5, 2]) for j in range(n)]
+    singles = []
+    pairs = list(identity_pairs(iter(samples), random.Random(0), on_singleton=singles.append))
+    assert singles == ["p1"]
+    assert sorted(t["__key__"] for _, t in pairs) == sorted(s["__key__"] for s in samples if s["identity"] != "p1")
+    for ref, target in pairs:
+        assert ref["identity"] == target["identity"] and ref["__key__"] != target["__key__"]
+
+
+def test_shard_stream_pairs_each_sample_once_per_epoch(tiny_shards):
+    from datapipe.shards import read_index
+
+    index = read_index(tiny_shards)
+    ds = PairDataset.from_index(index, "train", train=True, resolution=64, ref_size=64, batch_size=1, shuffle_buffer=4)
+    keys, refs = [], []
+    for batch in ds:
+        assert batch["identity"][0] == batch["key"][0].split("_")[0].replace("-", "-")
+        keys.append(batch["key"][0])
+        refs.append(batch["ref_key"][0])
+        assert batch["key"][0] != batch["ref_key"][0]
+        assert batch["key"][0].rsplit("_", 1)[0] == batch["ref_key"][0].rsplit("_", 1)[0]  # same identity
+    train_ids = set(index.identities_in("train"))
+    expected = sum(index.identities[i]["count"] for i in train_ids)
+    assert len(keys) == len(set(keys)) == expected  # every train sample exactly once as a target
+    assert {k.rsplit("_", 1)[0] for k in keys} == train_ids  # no validation/test person leaks in
+
+
+def test_sdxl_time_ids_follow_the_crop():
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 200))
+    pixels, crop = resize_and_crop(img, 100, original_size=(2000, 3000), random_crop=False)
+    assert pixels.shape == (3, 100, 100) and -1 <= pixels.min() and pixels.max() <= 1
+    # resized to 150x100, centre crop starts at left=25; original size is the photo's, before any resize
+    assert crop.time_ids().tolist() == [2000, 3000, 0, 25, 100, 100]
+    _, flipped = resize_and_crop(img, 100, original_size=(2000, 3000), random_crop=False, flip=True)
+    assert flipped.crop_top_left == (0, 150 - 25 - 100)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):
+    module = _module()
+    batch = _batch(tiny_shards)
+    trainable = {id(p) for p in module.adapter.trainable_parameters()}
+    assert trainable and all(p.requires_grad == (id(p) in trainable) for p in module.parameters())
+    g = torch.Generator().manual_seed(0)
+    losses = {"loss_diff": module.diffusion_loss(batch, g), **module.id_losses(batch, g)}
+    for name in ("loss_diff", "loss_id", "loss_clip"):
+        loss = losses[name]
+        assert torch.isfinite(loss), name
+        module.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        grads = [p for p in module.parameters() if p.grad is not None]
+        assert grads, f"{name} reaches no parameter"
+        assert all(id(p) in trainable for p in grads), f"{name} reaches a frozen parameter"
+        assert any(p.grad.abs().sum() > 0 for p in grads), name
+
+
+def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_shards):
+    module = _module(stage=1, w_id=0.0, w_clip=0.0, drop_text=0, drop_face=0, drop_body=0, drop_all=0)
+    batch = _batch(tiny_shards)
+    opt = torch.optim.AdamW(module.adapter.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0))  # same noise and t every step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.93 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="model.grad_steps"):
+        _module(grad_steps=5, lightning_steps=4)
+    with pytest.raises(ValueError, match="model.stage"):
+        _module(stage=1, w_id=0.5)
+    with pytest.raises(ValueError, match="model.drop_face"):
+        _module(drop_face=1.5)
+    with pytest.raises(ValueError, match="data.resolution"):
+        PairDataModule("x", resolution=100)
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_shards):
+    module = _module(stage=1, w_id=0.0, w_clip=0.0)
+    with torch.no_grad():
+        module.adapter.trainable_parameters()[0].fill_(float("nan"))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+    dm = PairDataModule(str(tiny_shards), resolution=64, ref_size=64, batch_size=2, num_workers=0)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0"):
+        trainer.fit(module, dm)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _fit(tmp: Path, shards: Path, max_steps: int, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    module = _module(stage=1, w_id=0.0, w_clip=0.0, ema_decay=0.9)
+    dm = PairDataModule(str(shards), resolution=64, ref_size=64, batch_size=2, num_workers=0, shuffle_buffer=4)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        default_root_dir=tmp,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return {k: v.detach().clone() for k, v in module.trainable_named_parameters().items()} | {
+        f"ema.{k}": v for k, v in (module.ema_state_dict() or {}).items()
+    }
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path):
+    steps = PairDataset.from_index(
+        __import__("datapipe.shards", fromlist=["read_index"]).read_index(tiny_shards),
+        "train", train=True, resolution=64, ref_size=64, batch_size=2,
+    ).batches_per_epoch  # fmt: skip
+    straight = _fit(tmp_path / "a", tiny_shards, 2 * steps)
+    _fit(tmp_path / "b", tiny_shards, steps)  # the run that was "killed" after its step-N checkpoint
+    ckpt = tmp_path / "b" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state_dict"] and all(k.startswith("adapter.") for k in saved["state_dict"])  # trainable only
+    assert "optimizer_states" in saved and "ema" in saved
+    resumed = _fit(tmp_path / "b", tiny_shards, 2 * steps, ckpt_path=str(ckpt))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------------------------------ tiny config
+
+
+def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
+    from bolid.train.cli import main
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["trainer"]["max_steps"] = 4
+    config["trainer"]["val_check_interval"] = 2
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]
+    ]
+    config["model"]["sample_every_n_steps"] = 2
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(path), "--data.shards", str(tiny_shards)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "adapter" / "adapter.safetensors").is_file() and (run / "adapter" / "adapter.json").is_file()
+    assert (run / "adapter_ema" / "adapter.safetensors").is_file()
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
+    assert acc.Tags()["images"]  # the sample grid
