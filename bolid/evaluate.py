@@ -1,0 +1,674 @@
+"""The evaluation harness behind ``python -m bolid eval``: BoLID's comparison table and figure.
+
+It works in two layers:
+
+* a model-agnostic core, :func:`evaluate`, over **variants**: named callables
+  ``generate(prompt, references, seeds) -> images``. For every dataset, identity, prompt and
+  seed it generates, saves and scores images, then writes the outputs below;
+* :mod:`bolid.cli.eval` and :func:`build_variant`, which turn the ``models`` of a YAML config
+  (base SDXL-Lightning, BoLID with an adapter file and per-modality scales) into variants.
+
+**Protocol.** Each identity of a dataset brings ``references`` photos; all go to the model,
+and Body Sim compares against the first. For every (identity, prompt) each model makes K
+images (``images_per_prompt``) with seeds ``seed + k``, k = 0..K-1, in batches of
+``batch_size``; each image's noise comes from its own CPU ``torch.Generator``, so an image
+does not depend on the batch it was made in, and every model starts from the same noise for
+the same prompt and k. A model without identity input (the base model) makes its images once
+per (prompt, k) and they are scored against every identity. CLIP-I compares each image with
+the *no-identity* image of the same prompt and seed, made by the base model.
+
+**Confidence intervals.** ``mean ± half-width`` of a 95% percentile bootstrap over identities
+(a cluster bootstrap): identities are resampled with replacement ``ci_resamples`` times (seeded)
+and the statistic is the mean over all scored images of the drawn identities. Images of one
+identity share its reference and so are not independent; resampling whole identities keeps that.
+The interval is asymmetric in general; the table shows the larger half-width, and results.csv /
+results.json hold both ends. With one identity there is no interval ("n/a").
+
+**Outputs** in ``out/``:
+
+* ``results.md``: the table as in the paper (rows: models; per dataset: Body Sim, CLIP-T,
+  CLIP-I), then the Body Sim failure rates and the run's settings;
+* ``results.csv``: one row per (dataset, model, metric) with mean, CI ends, counts;
+* ``results.json``: the same plus the settings and failure counts by reason;
+* ``comparison.png``: reference | each model's first image, for a few identities and prompts;
+* ``images/<model>/<dataset>/<identity>/p<prompt>_k<k>.png`` (a model without identity input:
+  ``images/<model>/p<prompt>_k<k>.png``), each with its settings in a ``bolid`` PNG text chunk,
+  and ``images.jsonl``: one line per scored image with its path, settings and scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import math
+import re
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from bolid.images import ImageError, load_image
+from bolid.metrics import BodySimilarity, CLIPImageSimilarity, CLIPTextScore
+
+log = logging.getLogger(__name__)
+
+#: ``generate(prompt, references or None, seeds)`` -> one PIL image per seed, as a list or as an object with
+#: ``.images`` and a ``.settings`` dict recorded with each image (like BoLIDPipeline's ``GenerationResult``).
+#: ``seeds`` are consecutive integers.
+GenerateFn = Callable[[str, "list[Image.Image] | None", "list[int]"], object]
+
+METRICS = ("body_sim", "clip_t", "clip_i")
+METRIC_TITLES = {"body_sim": "Body Sim", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# ------------------------------------------------------------------------------------------- data types
+
+
+@dataclass
+class Variant:
+    """A model to evaluate.
+
+    Args:
+        name: the row name in the table.
+        build: loads the model and returns its :data:`GenerateFn`; called once, and the model is released
+            before the next variant is built, so only one model is in memory at a time.
+        uses_identity: ``False`` for a model that ignores references (the base model).
+        settings: recorded with every image (adapter file, scales, steps, ...).
+    """
+
+    name: str
+    build: Callable[[], GenerateFn]
+    uses_identity: bool = True
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Identity:
+    """One person of a dataset: its reference photos and where they came from."""
+
+    name: str
+    references: list[Image.Image]
+    sources: list[str]
+
+
+@dataclass
+class EvalDataset:
+    """A named set of identities: one column group of the table."""
+
+    name: str
+    identities: list[Identity]
+
+
+@dataclass
+class RunSettings:
+    """How the images are made and scored (the YAML's top-level keys of the same names)."""
+
+    images_per_prompt: int = 4
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "cpu"
+    ci_resamples: int = 2000
+    comparison_identities: int = 3
+    comparison_prompts: int = 2
+    comparison_tile: int = 256
+    body_min_score: float = 0.5
+    body_min_features: int = 3
+    body_failure_score: float | None = None
+
+    def __post_init__(self):
+        for key in ("images_per_prompt", "batch_size", "comparison_identities", "comparison_prompts"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.ci_resamples < 100:
+            raise ValueError(f"ci_resamples must be >= 100, got {self.ci_resamples}")
+        if self.comparison_tile < 32:
+            raise ValueError(f"comparison.tile must be >= 32 px, got {self.comparison_tile}")
+
+
+@dataclass
+class MetricResult:
+    """One metric of one model on one dataset."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int  # scored images
+    n_identities: int
+
+    def cell(self, digits: int) -> str:
+        if math.isnan(self.mean):
+            return "n/a"
+        if math.isnan(self.ci_low):
+            return f"{self.mean:.{digits}f} ± n/a"
+        half = max(self.mean - self.ci_low, self.ci_high - self.mean)
+        return f"{self.mean:.{digits}f} ± {half:.{digits}f}"
+
+
+@dataclass
+class Row:
+    """Results of one model on one dataset."""
+
+    dataset: str
+    model: str
+    metrics: dict[str, MetricResult]
+    pairs: int
+    failure_rate: float
+    failures: dict[str, int]
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe form of ``name`` (letters, digits, ``.-_``)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return s or "unnamed"
+
+
+def folder_dataset(name: str, root: str | Path, max_identities: int | None = None, references: int = 1) -> EvalDataset:
+    """Identities from a folder laid out as ``root/<identity>/<image>``; the first images by name are references.
+
+    Raises:
+        ValueError: ``root`` is missing or holds no identity with ``references`` readable images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"dataset {name!r}: folder {root} does not exist")
+    identities = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images, sources = [], []
+        for f in files:
+            if len(images) == references:
+                break
+            try:
+                images.append(load_image(f))
+                sources.append(str(f))
+            except ImageError as e:
+                log.warning("dataset %s: skipping %s", name, e)
+        if len(images) < references:
+            log.warning(
+                "dataset %s: identity %s has %d of %d references, skipped", name, sub.name, len(images), references
+            )
+            continue
+        identities.append(Identity(sub.name, images, sources))
+        if max_identities is not None and len(identities) >= max_identities:
+            break
+    if not identities:
+        raise ValueError(f"dataset {name!r}: no identity folder in {root} has {references} readable image(s)")
+    return EvalDataset(name, identities)
+
+
+def shard_dataset(
+    name: str,
+    shard_sets: Sequence[str | Path],
+    split: str = "test",
+    max_identities: int | None = None,
+    references: int = 1,
+) -> EvalDataset:
+    """The held-out identities of one or more BoLID shard sets (format: :mod:`datapipe.shards`).
+
+    Each shard set is a folder with ``index.json``; the identities of ``split`` are taken in sorted order
+    (across sets, the first set's first), and each identity's first ``references`` samples in shard order
+    become its references.
+
+    Raises:
+        ValueError: a set has no identity in ``split``, or no identity has ``references`` samples.
+    """
+    import webdataset as wds
+
+    from datapipe.shards import ShardSample, read_index
+
+    identities: list[Identity] = []
+    for root in shard_sets:
+        index = read_index(root)
+        wanted = index.identities_in(split)
+        if not wanted:
+            raise ValueError(f"dataset {name!r}: {root} has no identities in split {split!r}")
+        found: dict[str, Identity] = {}
+        need = set(wanted)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(index.shard_paths(split)),
+            wds.tarfile_to_samples(),
+        )
+        for sample in pipeline:
+            meta = ShardSample.from_json(sample["json"])
+            if meta.identity not in need:
+                continue
+            ident = found.setdefault(meta.identity, Identity(meta.identity, [], []))
+            ident.references.append(load_image(sample["jpg"]))
+            ident.sources.append(f"{Path(sample['__url__']).name}:{sample['__key__']}")
+            if len(ident.references) == references:
+                need.discard(meta.identity)
+                if not need:
+                    break
+        short = sorted(i for i in wanted if len(found.get(i, Identity(i, [], [])).references) < references)
+        if short:
+            log.warning("dataset %s: %d identities have fewer than %d samples, skipped", name, len(short), references)
+        identities += [found[i] for i in sorted(wanted) if i in found and i not in short]
+    if not identities:
+        raise ValueError(f"dataset {name!r}: no identity of split {split!r} has {references} sample(s)")
+    return EvalDataset(name, identities[:max_identities] if max_identities else identities)
+
+
+def load_prompts(value: str | Path | Sequence[str], max_prompts: int | None = None) -> list[str]:
+    """Prompts from a list or from a YAML file holding ``prompts: [...]``.
+
+    Raises:
+        ValueError: no prompts, or an entry that is not a non-empty string.
+    """
+    from bolid.config import load_yaml
+
+    where = "prompts"
+    if isinstance(value, (str, Path)):
+        data = load_yaml(value)
+        if "prompts" not in data:
+            raise ValueError(f"{value}: needs a top-level 'prompts' list")
+        where, value = f"{value}: prompts", data["prompts"]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where} must be a non-empty list of strings")
+    bad = [i for i, p in enumerate(value) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"{where}[{bad[0]}] is not a non-empty string")
+    prompts = [p.strip() for p in value]
+    return prompts[:max_prompts] if max_prompts else prompts
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def cluster_bootstrap_ci(
+    values: torch.Tensor, groups: Sequence[str], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float, int]:
+    """Mean of ``values`` (NaN = not scored) and its percentile bootstrap CI, resampling whole groups.
+
+    Returns:
+        ``(mean, low, high, n_scored)``; the interval is NaN when fewer than 2 groups have scored values.
+    """
+    values = values.double()
+    ok = ~torch.isnan(values)
+    names = sorted(set(groups))
+    index = {g: i for i, g in enumerate(names)}
+    gid = torch.tensor([index[g] for g in groups], dtype=torch.long)
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, gid[ok], values[ok])
+    counts = torch.zeros(len(names), dtype=torch.float64).index_add_(0, gid[ok], ok[ok].double())
+    n = int(counts.sum())
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(sums.sum() / counts.sum())
+    keep = counts > 0
+    sums, counts = sums[keep], counts[keep]
+    if len(sums) < 2:
+        return mean, math.nan, math.nan, n
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(sums), (resamples, len(sums)), generator=g)  # (B, groups)
+    stats = sums[draw].sum(1) / counts[draw].sum(1)
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(stats, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return mean, low, high, n
+
+
+# ------------------------------------------------------------------------------------------- image files
+
+
+def save_image(image: Image.Image, path: Path, settings: dict) -> None:
+    """Write a PNG with ``settings`` as JSON in its ``bolid`` text chunk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("bolid", json.dumps(settings, sort_keys=True))
+    image.save(path, pnginfo=info)
+
+
+def read_settings(path: str | Path) -> dict:
+    """The settings stored in a generated PNG by :func:`save_image`."""
+    with Image.open(path) as im:
+        return json.loads(im.text["bolid"])
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(image: Image.Image, tile: int) -> Image.Image:
+    """``image`` scaled to fit a ``tile`` square, centred on white."""
+    im = image.convert("RGB")
+    scale = tile / max(im.size)  # up or down: tiny-kit images are 64 px
+    im = im.resize((max(round(im.width * scale), 1), max(round(im.height * scale), 1)), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (tile, tile), "white")
+    canvas.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
+    return canvas
+
+
+def comparison_grid(
+    rows: Sequence[tuple[str, Image.Image, Sequence[Image.Image | None]]], columns: Sequence[str], tile: int = 256
+) -> Image.Image:
+    """A figure: one row per (identity, prompt): label | reference | one image per model.
+
+    Args:
+        rows: ``(label, reference, images)``, ``images`` in ``columns`` order (``None`` leaves a blank).
+        columns: model names.
+        tile: side of each image cell in pixels.
+    """
+    pad, label_w, head_h = 6, max(tile, 160), 46
+    font, small = _font(16), _font(12)
+    width = label_w + (1 + len(columns)) * (tile + pad) + pad
+    height = head_h + len(rows) * (tile + pad) + pad
+    fig = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(fig)
+    for j, title in enumerate(["reference", *columns]):
+        x = label_w + pad + j * (tile + pad)
+        lines = textwrap.wrap(title, width=max(tile // 9, 8))
+        if len(lines) > 2:
+            lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), width=max(tile // 9, 8), placeholder="…")]
+        draw.multiline_text((x + 2, 4), "\n".join(lines), fill="black", font=font, spacing=2)
+    chars = max(label_w // 7, 12)
+    for i, (label, reference, images) in enumerate(rows):
+        y = head_h + pad + i * (tile + pad)
+        lines = textwrap.wrap(label, width=chars)[: max(tile // 15, 1)]
+        draw.multiline_text((pad, y), "\n".join(lines), fill="black", font=small, spacing=2)
+        for j, im in enumerate([reference, *images]):
+            x = label_w + pad + j * (tile + pad)
+            if im is None:
+                draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline="grey")
+            else:
+                fig.paste(_fit(im, tile), (x, y))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- the core
+
+_PER_CALL = ("seed", "seeds", "num_images", "prompt")  # per-call settings, replaced by per-image ones
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate(
+    fn: GenerateFn, prompt: str, refs: list[Image.Image] | None, seeds: list[int], batch: int, who: str
+) -> tuple[list[Image.Image], dict]:
+    """Images for ``seeds`` in batches, and the settings the model reported (from the first batch)."""
+    images: list[Image.Image] = []
+    settings: dict = {}
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start : start + batch]
+        out = fn(prompt, refs, chunk)
+        if hasattr(out, "images"):
+            if not settings:
+                settings = {k: v for k, v in dict(getattr(out, "settings", None) or {}).items() if k not in _PER_CALL}
+            out = out.images
+        out = list(out)
+        if len(out) != len(chunk):
+            raise RuntimeError(f"model {who!r} returned {len(out)} images for {len(chunk)} seeds")
+        images.extend(out)
+    return images, settings
+
+
+@dataclass
+class _Batch:
+    """The K images of one (model, prompt[, identity]) with their files and (for shared images) keypoints."""
+
+    images: list[Image.Image]
+    paths: list[str]
+    keypoints: torch.Tensor | None = None
+
+
+class _Run:
+    """State of one :func:`evaluate` call: output folder, seeds, metrics, manifest."""
+
+    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose):
+        self.out, self.prompts, self.s, self.clip = out, list(prompts), s, clip
+        self.seeds = [s.seed + k for k in range(s.images_per_prompt)]
+        self.body_kwargs = {
+            "min_score": s.body_min_score,
+            "min_features": s.body_min_features,
+            "failure_score": s.body_failure_score,
+        }
+        self.scorer = BodySimilarity(pose=pose, **self.body_kwargs)
+        self.pose = self.scorer.pose  # one extractor for every dataset and model
+        self.manifest = open(out / "images.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed by evaluate
+        self.firsts: dict[tuple[str, str, str, int], Image.Image] = {}  # (dataset, model, identity, prompt) -> k=0
+
+    def make(self, variant: Variant, fn: GenerateFn, pi: int, ds: str | None = None, ident: Identity | None = None):
+        """Generate and save the K images of prompt ``pi`` (for ``ident``, or shared when ``None``)."""
+        prompt = self.prompts[pi]
+        where = f"model {variant.name!r}" + (f", {ds}/{ident.name}" if ident else "")
+        try:
+            refs = ident.references if ident else None
+            images, reported = _generate(fn, prompt, refs, self.seeds, self.s.batch_size, variant.name)
+        except Exception as e:
+            e.add_note(f"while generating for {where}, prompt {pi}")
+            raise
+        folder = self.out / "images" / _slug(variant.name)
+        if ident is not None:
+            folder = folder / _slug(ds) / _slug(ident.name)
+        paths = []
+        for k, (seed, im) in enumerate(zip(self.seeds, images, strict=True)):
+            info = {"model": variant.name, "prompt": prompt, "seed": seed, **variant.settings}
+            if ident is not None:
+                info.update(dataset=ds, identity=ident.name, reference_files=ident.sources)
+            info["pipeline"] = reported
+            path = folder / f"p{pi:02d}_k{k}.png"
+            save_image(im, path, info)
+            paths.append(str(path.relative_to(self.out)))
+        # Shared images are scored against every identity: run the pose model on them once.
+        return _Batch(images, paths, self.scorer.keypoints(images) if ident is None else None)
+
+    def shared(self, variant: Variant, fn: GenerateFn) -> list[_Batch]:
+        return [self.make(variant, fn, pi) for pi in range(len(self.prompts))]
+
+    def score(
+        self, variant: Variant, fn: GenerateFn, ds: EvalDataset, base: list[_Batch], shared: list[_Batch] | None
+    ) -> Row:
+        """All images of ``variant`` on ``ds``, scored; one table row."""
+        body = BodySimilarity(pose=self.pose, **self.body_kwargs)
+        clip_t = CLIPTextScore(self.clip).to(self.s.device)
+        clip_i = CLIPImageSimilarity(self.clip).to(self.s.device)
+        ref_kps = {ident.name: self.scorer.keypoints(ident.references[:1]) for ident in ds.identities}
+        groups: list[str] = []
+        for ident in ds.identities:
+            log.info("model %s, dataset %s, identity %s", variant.name, ds.name, ident.name)
+            for pi, prompt in enumerate(self.prompts):
+                batch = shared[pi] if shared is not None else self.make(variant, fn, pi, ds.name, ident)
+                n0, n = len(groups), len(batch.images)
+                body.update(
+                    batch.images if batch.keypoints is None else batch.keypoints, ref_kps[ident.name].expand(n, 17, 3)
+                )
+                clip_t.update(batch.images, [prompt] * n)
+                clip_i.update(batch.images, base[pi].images)
+                groups.extend([ident.name] * n)
+                self.firsts[ds.name, variant.name, ident.name, pi] = batch.images[0]
+                scores = {"body_sim": body, "clip_t": clip_t, "clip_i": clip_i}
+                scores = {m: metric.per_sample()[n0:] for m, metric in scores.items()}
+                for k, (seed, path) in enumerate(zip(self.seeds, batch.paths, strict=True)):
+                    line = {"path": path, "model": variant.name, "dataset": ds.name, "identity": ident.name}
+                    line.update(prompt_index=pi, prompt=prompt, k=k, seed=seed, settings=variant.settings)
+                    line.update({m: _num(v[k]) for m, v in scores.items()})
+                    self.manifest.write(json.dumps(line) + "\n")
+        metrics = {}
+        for name, metric in (("body_sim", body), ("clip_t", clip_t), ("clip_i", clip_i)):
+            mean, low, high, n = cluster_bootstrap_ci(
+                metric.per_sample().cpu(), groups, self.s.ci_resamples, self.s.seed
+            )
+            metrics[name] = MetricResult(mean, low, high, n, len(set(groups)))
+        rate = float(body.compute()["failure_rate"])
+        row = Row(ds.name, variant.name, metrics, int(body.num_pairs), rate, body.failures())
+        log.info("%s on %s: %s", variant.name, ds.name, {m: r.cell(3) for m, r in metrics.items()})
+        return row
+
+
+def evaluate(
+    variants: Sequence[Variant],
+    datasets: Sequence[EvalDataset],
+    prompts: Sequence[str],
+    out: str | Path,
+    clip: Callable[[], tuple],
+    no_identity: Variant | None = None,
+    settings: RunSettings | None = None,
+    pose=None,
+    record: dict | None = None,
+) -> list[Row]:
+    """Generate, save and score every image, then write results.md/.csv/.json and comparison.png.
+
+    Args:
+        variants: the models, in table order.
+        datasets: the column groups, in table order.
+        prompts: the prompt list.
+        out: output folder (created).
+        clip: a :func:`bolid.metrics.clip_loader` (or any ``CLIPScore`` model callable).
+        no_identity: the model whose images CLIP-I compares against; defaults to the first variant with
+            ``uses_identity=False``. It may be one of ``variants`` (its images are then made once) or not
+            (made but left out of the table).
+        settings: see :class:`RunSettings`.
+        pose: pose extractor for Body Sim (default BlazePose).
+        record: extra settings for results.json and results.md (config file, components, command).
+
+    Returns:
+        One :class:`Row` per (dataset, model).
+
+    Raises:
+        ValueError: no variants, datasets or prompts, duplicate names, or no model for CLIP-I.
+    """
+    s = settings or RunSettings()
+    out = Path(out)
+    if not variants or not datasets or not prompts:
+        raise ValueError("evaluate needs at least one variant, one dataset and one prompt")
+    for what, names in (("model", [v.name for v in variants]), ("dataset", [d.name for d in datasets])):
+        slugs = [_slug(n) for n in names]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"{what} names must be distinct (also as file names), got {names}")
+    if no_identity is None:
+        no_identity = next((v for v in variants if not v.uses_identity), None)
+    if no_identity is None or no_identity.uses_identity:
+        raise ValueError("CLIP-I needs a model without identity input (kind: base) to compare against")
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(out, prompts, s, clip, pose)
+    rows: list[Row] = []
+    try:
+        log.info("generating the no-identity images (%s) for CLIP-I", no_identity.name)
+        fn = no_identity.build()
+        base = run.shared(no_identity, fn)
+        for variant in variants:
+            if variant is not no_identity:
+                fn = None
+                _release()
+                log.info("model %s: loading", variant.name)
+                fn = variant.build()
+            shared = base if variant is no_identity else None if variant.uses_identity else run.shared(variant, fn)
+            rows += [run.score(variant, fn, ds, base, shared) for ds in datasets]
+        fn = None
+        _release()
+    finally:
+        run.manifest.close()
+    record = {**(record or {}), "run": asdict(s), "prompts": list(prompts), "seeds": run.seeds}
+    record["datasets"] = {d.name: [i.name for i in d.identities] for d in datasets}
+    record["models"] = {v.name: v.settings for v in variants}
+    record["no_identity_model"] = no_identity.name
+    write_results(rows, out, [v.name for v in variants], [d.name for d in datasets], record)
+    grid = []
+    for ds in datasets:
+        for ident in ds.identities[: s.comparison_identities]:
+            for pi in range(min(s.comparison_prompts, len(prompts))):
+                images = [run.firsts.get((ds.name, v.name, ident.name, pi)) for v in variants]
+                grid.append((f"{ds.name} / {ident.name}: {prompts[pi]}", ident.references[0], images))
+    comparison_grid(grid, [v.name for v in variants], s.comparison_tile).save(out / "comparison.png")
+    log.info("wrote %s", out)
+    return rows
+
+
+def _num(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return None if math.isnan(v) else round(v, 6)
+
+
+# -------------------------------------------------------------------------------------------- writers
+
+
+def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], datasets: Sequence[str], record: dict) -> None:
+    """results.md (the paper's table), results.csv and results.json."""
+    by = {(r.dataset, r.model): r for r in rows}
+    digits = {"body_sim": 3, "clip_t": 2, "clip_i": 3}
+    head = ["Model"] + [f"{d} · {METRIC_TITLES[m]} ↑" for d in datasets for m in METRICS]
+    lines = ["# BoLID evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        cells = [model]
+        for d in datasets:
+            r = by.get((d, model))
+            cells += [r.metrics[m].cell(digits[m]) if r else "" for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    run = record.get("run", {})
+    lines += [
+        "",
+        f"Mean ± 95% CI half-width (percentile bootstrap over identities, {run.get('ci_resamples')} resamples). "
+        "Body Sim: cosine of standardised body proportions (BlazePose), mean over images where a body was found; "
+        "CLIP-T: CLIPScore (0-100) with the prompt; CLIP-I: CLIP image cosine with the no-identity image of the "
+        f"same prompt and seed (by {record.get('no_identity_model')}; 1 for that model by definition).",
+        "",
+        "## Body Sim failures",
+        "",
+        "| Dataset | Model | pairs | failure rate | no body | no reference body | too few features |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f = r.failures
+        lines.append(
+            f"| {r.dataset} | {r.model} | {r.pairs} | {100 * r.failure_rate:.1f}% | {f['no_body']} "
+            f"| {f['no_reference_body']} | {f['too_few_features']} |"
+        )
+    lines += ["", "## Settings", "", "```json", json.dumps(record, indent=1, default=str), "```", ""]
+    (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
+
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "model", "metric", "mean", "ci_low", "ci_high", "n", "n_identities", "failure_rate"])
+        for r in rows:
+            for m in METRICS:
+                x = r.metrics[m]
+                rate = f"{r.failure_rate:.6f}" if m == "body_sim" else ""
+                w.writerow(
+                    [
+                        r.dataset,
+                        r.model,
+                        m,
+                        *(_fmt(v) for v in (x.mean, x.ci_low, x.ci_high)),
+                        x.n,
+                        x.n_identities,
+                        rate,
+                    ]
+                )
+
+    payload = {
+        "settings": record,
+        "results": [
+            {
+                "dataset": r.dataset,
+                "model": r.model,
+                "pairs": r.pairs,
+                "body_sim_failure_rate": r.failure_rate,
+                "body_sim_failures": r.failures,
+                "metrics": {m: {k: _json_num(v) for k, v in asdict(x).items()} for m, x in r.metrics.items()},
+            }
+            for r in rows
+        ],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+
+
+def _fmt(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.6f}"
+
+
+def _json_num(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
