@@ -5,9 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Where the demo keeps its data; `make shards`/`make train` default to it.
+DEMO_DIR ?= runs/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format crawl
+.PHONY: help setup test lint format demo crawl shards train eval bench
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,6 +26,11 @@ setup:  ## create .venv, install torch if none is present, then bolid in editabl
 	$(PY) -m pip install -q -e '.[dev]'
 	@$(PY) -c "import torch, diffusers, transformers, lightning, open_clip, scrapy, webdataset; \
 	  print(f'setup: ok (torch {torch.__version__}, cuda={torch.cuda.is_available()}, diffusers {diffusers.__version__}, transformers {transformers.__version__})')"
+	@touch $(VENV)/.bolid-setup
+
+demo:  ## the whole system offline on the tiny kit: demo site -> crawl -> shards -> train -> eval (DEMO_ARGS=--quick)
+	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
+	$(PY) -m bolid demo $(DEMO_ARGS)
 
 test:  ## run the test suite (CPU only, tiny kit, offline)
 	$(PY) -m pytest -q -m "not gpu"
@@ -38,3 +45,21 @@ format:  ## ruff format + autofix
 crawl:  ## crawl ThePlace into OUT (configs/crawl.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
 	$(PY) -m crawler $(if $(OUT),--out $(OUT)) $(if $(PERSONS),--persons $(PERSONS)) \
 	  $(if $(BASE_URL),--base-url $(BASE_URL)) $(CRAWL_ARGS)
+
+shards:  ## build WebDataset shards: make shards IN=<crawl out or <identity>/ folder> OUT=<dir> [CONFIG=...]
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make shards IN=... OUT=... [CONFIG=configs/shards.yaml]"; exit 2; }
+	$(PY) -m datapipe build --config $(or $(CONFIG),configs/shards.yaml) --in $(IN) --out $(OUT) $(SHARDS_ARGS)
+
+train:  ## train the adapter: make train [CONFIG=configs/tiny.yaml] [SHARDS=$(DEMO_DIR)/shards] [TRAIN_ARGS=...]
+	$(PY) -m bolid fit --config $(or $(CONFIG),configs/tiny.yaml) --data.shards $(or $(SHARDS),$(DEMO_DIR)/shards) \
+	  $(TRAIN_ARGS)
+
+eval:  ## comparison table + figure: make eval [CONFIG=configs/eval.yaml]; the tiny default needs `make demo` first
+	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval_tiny.yaml) $(EVAL_ARGS)
+
+bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
+	$(PY) bench/bench_adapter.py --write BENCHMARKS.md
+	$(PY) bench/bench_datapipe.py --write BENCHMARKS.md
+	$(PY) bench/bench_crawl.py --write BENCHMARKS.md
+	$(PY) bench/bench_train_data.py --write BENCHMARKS.md
+	$(PY) bench/bench_bodysim.py --write BENCHMARKS.md

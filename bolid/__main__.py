@@ -16,8 +16,10 @@ import sys
 # name -> (module, one-line help). Modules define add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "components": ("bolid.cli.components", "list the pretrained components, where each resolves, and check them"),
+    "demo": ("bolid.cli.demo", "the whole system offline on the tiny kit: site -> crawl -> shards -> train -> eval"),
     "pose": ("bolid.cli.pose", "extract persons and 17 COCO keypoints from images (JSON lines)"),
     "generate": ("bolid.cli.generate", "generate images of the person in reference photo(s) from a prompt"),
+    "eval": ("bolid.cli.eval", "the comparison table (Body Sim, CLIP-T, CLIP-I) and figure from an eval config"),
 }
 # name -> (module with a `main(argv)` function, one-line help): commands with their own parser.
 LIGHTNING_COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
+        logging.getLogger(name).propagate = False
+    for handler in logging.getLogger().handlers:  # open_clip logs routine INFO through the root logger itself
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
     return int(module.run(args) or 0)
 
 

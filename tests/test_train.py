@@ -193,7 +193,7 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(path), "--data.shards", str(tiny_shards)]) == 0
-    run = tmp_path / "runs" / "tiny"
+    run = tmp_path / "runs" / "demo" / "train"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "adapter" / "adapter.safetensors").is_file() and (run / "adapter" / "adapter.json").is_file()
     assert (run / "adapter_ema" / "adapter.safetensors").is_file()

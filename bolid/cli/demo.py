@@ -1,0 +1,164 @@
+"""``bolid demo`` (``make demo``): the whole system on a CPU, offline, in minutes, on the tiny kit.
+
+1. **site**: a local ThePlace look-alike on 127.0.0.1 (:mod:`crawler.demo_site`) showing five drawn people
+   with distinct body proportions (:mod:`bolid.demo_people`), many poses each, plus small and broken files;
+2. **crawl**: the real ``theplace`` spider against it (politeness off: it is our own server);
+3. **shards**: the real datapipe with ``configs/shards_tiny.yaml`` (tiny random-init models);
+4. **train**: ``configs/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
+5. **eval**: ``configs/eval_tiny.yaml``: the results table, ``comparison.png`` and every generated image.
+
+Every stage is resumable and a second run reuses what is done: the crawler skips stored photos, the
+datapipe its cached model outputs, training resumes from ``last.ckpt`` (or is skipped once it reached
+``max_steps``), and eval is skipped when its results are newer than the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("bolid.demo")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DIR = Path("runs/demo")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--photos", type=int, default=12, help="good photos per demo person (default 12)")
+    parser.add_argument("--port", type=int, default=8765, help="port of the local demo site (0: any free port)")
+    parser.add_argument("--train-steps", type=int, default=None, help="override configs/tiny.yaml's max_steps")
+    parser.add_argument("--skip-eval", action="store_true", help="stop after training")
+    parser.add_argument("--quick", action="store_true", help="fewer photos, steps and prompts (what CI runs)")
+
+
+def _site(photos: int):
+    """The demo site: each person's good photos (1024 px) plus a few traps the pipeline must reject."""
+    from bolid.demo_people import BUILDS, jpeg, render, slug
+    from crawler.demo_site import DemoSite
+
+    identities = {}
+    for p, build in enumerate(BUILDS):
+        images = [jpeg(render(build, seed=1000 * p + n)[0]) for n in range(photos)]
+        if p == 0:
+            images.append(jpeg(render(build, seed=999, size=(640, 800))[0]))  # too small: under 1000 px
+            images.append(jpeg(render(build, seed=998)[0])[:20_000])  # truncated JPEG
+        if p == 1:
+            images.append(images[0])  # the same photo under a second URL
+        identities[slug(build)] = (build.name, images)
+    return DemoSite.from_identities(identities, per_page=8)
+
+
+def _start_server(site, port: int):
+    from crawler.demo_site import DemoServer
+
+    try:
+        return DemoServer(site, port=port).start()
+    except OSError:
+        log.warning("port %d is busy; serving the demo site on a free port instead", port)
+        return DemoServer(site, port=0).start()
+
+
+def _stage(name: str) -> float:
+    log.info("━━ %s", name)
+    return time.monotonic()
+
+
+def _last_step(ckpt: Path) -> int:
+    import torch
+
+    if not ckpt.is_file():
+        return -1
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1))
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from bolid.__main__ import main as bolid_main
+    from datapipe.__main__ import main as datapipe_main
+
+    os.chdir(ROOT)  # configs use paths relative to the repository
+    out = DEMO_DIR
+    crawl, shards, train = out / "crawl", out / "shards", out / "train"
+    photos = 6 if args.quick else args.photos
+    t0 = time.monotonic()
+
+    t = _stage(f"1/5 demo site: 5 people x {photos} photos (+ small, truncated and duplicate files)")
+    server = _start_server(_site(photos), args.port)
+    log.info("serving %s (%.1f s)", server.base_url, time.monotonic() - t)
+    try:
+        t = _stage("2/5 crawl with the real spider")
+        cmd = [sys.executable, "-m", "crawler", "--out", str(crawl), "--base-url", server.base_url, "--no-polite",
+               "--min-photos", str(photos), "--log-level", "WARNING"]  # fmt: skip
+        code = subprocess.call(cmd)
+        if code != 0:
+            log.error("crawl failed (exit %d): %s", code, " ".join(cmd))
+            return code
+        log.info("crawl done (%.1f s)", time.monotonic() - t)
+    finally:
+        server.stop()
+
+    t = _stage("3/5 shards with the real datapipe on the tiny kit")
+    code = datapipe_main(["build", "--config", "configs/shards_tiny.yaml", "--in", str(crawl), "--out", str(shards)])
+    if code != 0:
+        return code
+    log.info("shards done (%.1f s)", time.monotonic() - t)
+
+    t = _stage("4/5 train configs/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
+    config = yaml.safe_load(Path("configs/tiny.yaml").read_text())
+    steps = args.train_steps or (6 if args.quick else config["trainer"]["max_steps"])
+    ckpt = train / "checkpoints" / "last.ckpt"
+    done = _last_step(ckpt)
+    if done >= steps:
+        log.info("training already reached step %d (%s): reusing it", done, ckpt)
+    else:
+        argv = ["fit", "--config", "configs/tiny.yaml", "--data.shards", str(shards), "--trainer.max_steps", str(steps)]
+        if done >= 0:
+            argv += ["--ckpt_path", str(ckpt)]
+            log.info("resuming training from step %d", done)
+        code = bolid_main(argv)
+        if code != 0:
+            return code
+    log.info("train done (%.1f s)", time.monotonic() - t)
+
+    eval_dir = out / "eval"
+    if not args.skip_eval:
+        t = _stage("5/5 eval configs/eval_tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
+        adapter = train / "adapter" / "adapter.safetensors"
+        results = eval_dir / "results.md"
+        if results.is_file() and adapter.is_file() and results.stat().st_mtime > adapter.stat().st_mtime:
+            log.info("results are newer than the adapter: reusing %s", results)
+        else:
+            argv = ["eval", "--config", "configs/eval_tiny.yaml", "--out", str(eval_dir)]
+            if args.quick:
+                argv += ["--max-prompts", "1", "--images-per-prompt", "1"]
+            code = bolid_main(argv)
+            if code != 0:
+                return code
+        log.info("eval done (%.1f s)", time.monotonic() - t)
+
+    rows = [
+        ("crawl manifest", crawl / "manifest.jsonl"),
+        ("crawl per-person counts", crawl / "persons.jsonl"),
+        ("shards + index", shards / "index.json"),
+        ("datapipe stats", shards / "stats.json"),
+        ("checkpoint", ckpt),
+        ("adapter", train / "adapter"),
+        ("TensorBoard", train / "tensorboard"),
+        ("results table", eval_dir / "results.md"),
+        ("comparison figure", eval_dir / "comparison.png"),
+    ]
+    print(f"\nBoLID demo finished in {time.monotonic() - t0:.0f} s. Outputs:")
+    for label, path in rows:
+        if args.skip_eval and path.is_relative_to(eval_dir):
+            continue
+        mark = "✓" if path.exists() else "✗ missing"
+        print(f"  {label:<24} {path}  {mark}")
+    print(f"\nTensorBoard: tensorboard --logdir {train / 'tensorboard'}")
+    missing = [p for label, p in rows if not p.exists() and not (args.skip_eval and p.is_relative_to(eval_dir))]
+    return 1 if missing else 0
