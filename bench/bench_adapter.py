@@ -29,8 +29,6 @@ it if absent).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,11 +42,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import cores, cpu_name, write_section  # noqa: E402
 from bolid.adapter import BodyConditionModule, IdentityEmbeds  # noqa: E402 (after the path set-up above)
 from bolid.image_encoder import ClipImageEncoder  # noqa: E402
 
 GOAL_TRAIN, GOAL_INFER, GOAL_PARAMS = 1.15, 1.10, 0.05
-START, END = "<!-- bench:adapter:start -->", "<!-- bench:adapter:end -->"
 
 _SDXL_BLOCKS = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -85,15 +83,8 @@ EVA = "EVA02-L-14-336"  # BoLID's default image encoder: fixes the face / body v
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}; torch {torch.__version__}"
+    cpu = cpu_name()
+    text = f"{cores()}, {cpu}; torch {torch.__version__}"
     if torch.cuda.is_available():
         text += f"; {torch.cuda.get_device_name()}"
     return text
@@ -271,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     command = "python bench/bench_adapter.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
-        START,
         f"### Body-Condition Module overhead ({size})",
         "",
         f"{layers} cross-attention layers, batch {batch}, {latent}x{latent} latents, 77 text + 2x4 identity tokens; "
@@ -289,19 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|",
             *(f"| {k} | {med[k]:.3f} | {peak[k]:.1f} |" for k in fns),
         ]
-    lines += ["", f"Machine: {machine()}.", "", f"Command: `{command}`", END]
+    lines += ["", f"Machine: {machine()}.", "", f"Command: `{command}`"]
     section = "\n".join(lines)
     print(section)
     if args.write:
-        target = Path(args.write)
-        text = target.read_text(encoding="utf-8") if target.exists() else ""
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-        target.write_text(text, encoding="utf-8")
-        print(f"wrote {target}", file=sys.stderr)
+        write_section(args.write, "adapter", section)
+        print(f"wrote {args.write}", file=sys.stderr)
     met = ratio_train <= GOAL_TRAIN and ratio_mixed <= GOAL_TRAIN and ratio_infer <= GOAL_INFER and share < GOAL_PARAMS
     return 0 if met else 1
 

@@ -27,12 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import cores, cpu_name, write_section  # noqa: E402
 from crawler.demo_site import DemoServer, DemoSite  # noqa: E402 (after the path set-up above)
 from crawler.store import read_jsonl  # noqa: E402
 
 GOAL_IMAGES_PER_S = 30.0
 GOAL_RSS_GROWTH_MB = 50.0
-START, END = "<!-- bench:crawl:start -->", "<!-- bench:crawl:end -->"
 
 
 @dataclass
@@ -81,18 +81,11 @@ def sample_until_exit(process: subprocess.Popen, images_dir: Path, t0: float, ev
 
 
 def machine(load: float) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import scrapy
 
     return (
-        f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, load average {load:.1f} at the "
+        f"{cores()}, {cpu}, load average {load:.1f} at the "
         f"start; Python {platform.python_version()}, Scrapy {scrapy.__version__}"
     )
 
@@ -168,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     section = "\n".join(
         [
-            START,
             "## Crawl (`bench/bench_crawl.py`)",
             "",
             "The real `theplace` spider (`python -m crawler --no-polite`: no delay, no AutoThrottle, 16 requests in",
@@ -184,20 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Site generation ({site.photo_count} JPEGs) took {generate_s:.1f} s, not counted.",
             "",
             f"Command: `{pretty}`",
-            END,
         ]
     )
     print(section)
     if args.write:
-        target = Path(args.write)
-        text = target.read_text(encoding="utf-8") if target.exists() else ""
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-        target.write_text(text, encoding="utf-8")
-        print(f"wrote {target}", file=sys.stderr)
+        write_section(args.write, "crawl", section)
+        print(f"wrote {args.write}", file=sys.stderr)
     return 0 if ok else 1
 
 

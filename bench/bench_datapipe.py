@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image, ImageOps  # noqa: E402
 
+from bench.report import cores, cpu_name, write_section  # noqa: E402
 from bolid.images import image_size  # noqa: E402
 from datapipe.resize import encode_stored, encode_stored_file, stored_size  # noqa: E402
 from datapipe.shards import write_shard  # noqa: E402
@@ -60,7 +61,6 @@ SIZES = [
     (3264, 2448),
     (3000, 4000),
 ]
-START, END = "<!-- bench:datapipe:start -->", "<!-- bench:datapipe:end -->"
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -124,19 +124,12 @@ def timed(fn, *args) -> float:
 
 
 def machine(load: float) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     from PIL import features
 
     turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
     return (
-        f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, load average {load:.1f} at the "
+        f"{cores()}, {cpu}, load average {load:.1f} at the "
         f"start; Python {platform.python_version()}, Pillow {Image.__version__} ({turbo})"
     )
 
@@ -215,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     pretty = " ".join(shlex.quote(a) for a in ["python", "bench/bench_datapipe.py", *(argv or sys.argv[1:])])
     section = "\n".join(
         [
-            START,
             "## Data pipeline CPU path (`bench/bench_datapipe.py`)",
             "",
             f"{n} generated photo-like JPEGs (quality 92), {megapixels:.0f} MP and {mb:.0f} MB in all, sizes "
@@ -233,20 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine(load)}. Generating the images took {generate_s:.0f} s, not counted.",
             "",
             f"Command: `{pretty}`",
-            END,
         ]
     )
     print(section)
     if args.write:
-        target = Path(args.write)
-        text = target.read_text(encoding="utf-8") if target.exists() else ""
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-        target.write_text(text, encoding="utf-8")
-        print(f"wrote {target}", file=sys.stderr)
+        write_section(args.write, "datapipe", section)
+        print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
 

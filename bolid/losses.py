@@ -146,31 +146,24 @@ class ClipTextLoss(nn.Module):
     """``1 − cos(image, text)`` with a frozen open_clip model (EVA-CLIP), differentiable in the image.
 
     Args:
-        model: an open_clip model (``encode_image``, ``encode_text``).
+        image_encoder: the frozen image tower with its preprocessing (the adapter's own
+            :class:`bolid.image_encoder.ClipImageEncoder`, so EVA-CLIP is held once).
+        model: the open_clip model the tower came from (its ``encode_text``).
         tokenizer: its tokenizer.
     """
 
-    def __init__(self, model: nn.Module, tokenizer):
+    def __init__(self, image_encoder: nn.Module, model: nn.Module, tokenizer):
         super().__init__()
+        self.image_encoder = image_encoder
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        size = model.visual.image_size
-        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        mean = getattr(model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> ClipTextLoss:
         return super().train(False)
 
     def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Mean ``1 − cos`` over the batch; ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``."""
-        x = (images.float() + 1) / 2
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
-        dtype = next(self.model.parameters()).dtype
-        img = self.model.encode_image(x.to(dtype)).float()
+        img = self.image_encoder((images.float() + 1) / 2).float()
         with torch.no_grad():
-            txt = self.model.encode_text(self.tokenizer(captions).to(x.device)).float()
+            txt = self.model.encode_text(self.tokenizer(captions).to(images.device)).float()
         return (1 - F.cosine_similarity(img, txt, dim=-1)).mean()

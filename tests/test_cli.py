@@ -42,3 +42,23 @@ def test_every_config_parses(path):
 
 def test_configs_exist():
     assert len(CONFIGS) >= 2
+
+
+TRAIN_CONFIGS = [p for p in CONFIGS if "trainer" in load_yaml(p)]
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
+def test_training_configs_validate_against_the_cli(path):
+    """Every key of a LightningCLI config must exist and have the right type (parsed, not instantiated)."""
+    from bolid.train.cli import BoLIDCLI
+    from bolid.train.datamodule import PairDataModule
+    from bolid.train.module import BoLIDTrainingModule
+
+    class ParseOnly(BoLIDCLI):
+        def instantiate_classes(self) -> None:  # parse and type-check only: no weights are loaded
+            pass
+
+    cli = ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path)])
+    assert cli.config["model"]["components"] in ("tiny", "real")
+    with pytest.raises(SystemExit):
+        ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path), "--model.lrr", "1"])

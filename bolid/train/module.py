@@ -180,8 +180,9 @@ class BoLIDTrainingModule(L.LightningModule):
             else:
                 pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
             self.pose = DifferentiablePose(pose_model, pose_proc)
-            self.clip_loss = ClipTextLoss(eva, eva_tok)
         image_encoder = ClipImageEncoder(eva, eva_name)
+        if hp.stage == 2:
+            self.clip_loss = ClipTextLoss(image_encoder, eva, eva_tok)
         if init_adapter:
             self.adapter = BodyConditionModule.load(init_adapter, self.unet, image_encoder)
             if adapter_settings:
