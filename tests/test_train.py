@@ -205,3 +205,20 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     acc.Reload()
     assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
     assert acc.Tags()["images"]  # the sample grid
+
+
+def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
+    """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bolid", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--data.shards", str(tiny_shards), "--data.resampled", "true", "--data.epoch_pairs", "4",
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "null",
+           "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+           "--trainer.limit_val_batches", "0", "--model.sample_every_n_steps", "0"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Starting with 2 processes" in out.stderr + out.stdout
+    assert "`Trainer.fit` stopped: `max_steps=3` reached." in out.stderr + out.stdout

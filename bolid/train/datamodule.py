@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from bolid.data import PairDataset, collate_pairs
@@ -124,7 +125,7 @@ class PairDataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=None,
             persistent_workers=False,
-            pin_memory=True,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
