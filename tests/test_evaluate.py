@@ -14,13 +14,8 @@ import yaml
 from PIL import Image
 
 from bolid.cli.eval import EvalConfig
-from bolid.evaluate import (
-    cluster_bootstrap_ci,
-    folder_dataset,
-    load_prompts,
-    read_settings,
-    shard_dataset,
-)
+from bolid.evaluate import folder_dataset, load_prompts, shard_dataset
+from bolid.results import cluster_bootstrap_ci, read_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITIES = ("anna", "boris", "carla", "dmitri", "elena", "fedor")
