@@ -222,3 +222,48 @@ def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Starting with 2 processes" in out.stderr + out.stdout
     assert "`Trainer.fit` stopped: `max_steps=3` reached." in out.stderr + out.stdout
+
+
+def test_encoder_cache_gives_the_same_loss_and_is_reused(tiny_shards, tmp_path):
+    plain = _module(stage=1, w_id=0.0, w_clip=0.0)
+    cached = _module(stage=1, w_id=0.0, w_clip=0.0, cache_dir=str(tmp_path / "cache"))
+    cached.adapter.load_state_dict(plain.adapter.state_dict())
+    batch = _batch(tiny_shards)
+    with torch.no_grad():
+        ref = plain.diffusion_loss(batch, torch.Generator().manual_seed(3), dropout=False)
+        first = cached.diffusion_loss(batch, torch.Generator().manual_seed(3), dropout=False)
+        misses = cached.cache.misses
+        second = cached.diffusion_loss(batch, torch.Generator().manual_seed(3), dropout=False)
+    assert misses == 4 and cached.cache.hits == 4  # 2 latents + 2 captions, then all from disk
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 2 + len(set(batch["caption"]))  # one file per crop and per distinct caption
+    torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)  # fp16 storage
+    torch.testing.assert_close(second, first)
+
+
+def test_a_corrupt_shard_sample_is_skipped_and_counted(tiny_shards, tmp_path):
+    import io
+    import shutil
+    import tarfile
+
+    from datapipe.shards import read_index
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    index = read_index(shards)
+    first = index.shard_paths("train")[0].replace(str(tiny_shards), str(shards))
+    members = []
+    with tarfile.open(first) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    victim = members[0][0].name.split(".")[0]
+    with tarfile.open(first, "w") as tar:
+        for m, data in members:
+            if m.name == f"{victim}.jpg":
+                data = data[: len(data) // 3]  # truncated JPEG
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    ds = PairDataset.from_index(read_index(shards), "train", train=True, resolution=64, ref_size=64, batch_size=1)
+    keys = [b["key"][0] for b in ds]
+    assert victim not in keys and ds.corrupt.count == 1
+    assert len(keys) == ds.num_samples - 1 or len(keys) == ds.batches_per_epoch

@@ -86,6 +86,8 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_every_n_steps: log a sample grid (reference | with ID | without ID) every this many steps
             (0 = off).
         sample_steps: sampler steps for the grid (the Lightning UNet's count when present).
+        cache_dir: cache the frozen VAE's latent distributions and the text embeddings here
+            (:mod:`bolid.train.cache`; best with ``data.random_crop: false``); ``null`` = off.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class BoLIDTrainingModule(L.LightningModule):
         seed: int = 0,
         sample_every_n_steps: int = 0,
         sample_steps: int = 4,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -210,6 +213,11 @@ class BoLIDTrainingModule(L.LightningModule):
                 if unet is not None:
                     unet.enable_gradient_checkpointing()
         self._ema: dict[str, torch.Tensor] | None = None
+        self.cache = None
+        if hp.cache_dir:
+            from bolid.train.cache import EncodingCache
+
+            self.cache = EncodingCache(hp.cache_dir, f"{self.cfg!r} frozen_dtype={hp.frozen_dtype}")
 
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
         ids = {id(p) for p in self.adapter.trainable_parameters()}
@@ -234,10 +242,44 @@ class BoLIDTrainingModule(L.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL prompt embeddings ``(B, 77, 2048)`` and pooled ``(B, 1280)`` (diffusers' own ``encode_prompt``)."""
+        if self.cache is None:
+            return self._encode_text(captions)
+        found = [self.cache.get_text(c) for c in captions]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            embeds, pooled = self._encode_text([captions[i] for i in todo])
+            for j, i in enumerate(todo):
+                self.cache.put_text(captions[i], embeds[j], pooled[j])
+                found[i] = (embeds[j], pooled[j])
+        dtype = next(self.text_encoder_2.parameters()).dtype
+        return (
+            torch.stack([f[0] for f in found]).to(self.device, dtype),
+            torch.stack([f[1] for f in found]).to(self.device, dtype),
+        )
+
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self._prompt_pipe.encode_prompt(
             captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return embeds, pooled
+
+    @torch.no_grad()
+    def target_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Latents of the target crops, from the cache of latent distributions when one is configured."""
+        if self.cache is None:
+            return self.encode_latents(batch["pixels"], generator)
+        found = [self.cache.get_latents(k, t) for k, t in zip(batch["key"], batch["time_ids"], strict=True)]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            vae_dtype = next(self.vae.parameters()).dtype
+            dist = self.vae.encode(batch["pixels"][todo].to(vae_dtype)).latent_dist
+            for j, i in enumerate(todo):
+                self.cache.put_latents(batch["key"][i], batch["time_ids"][i], dist.mean[j], dist.logvar[j])
+                found[i] = (dist.mean[j], dist.logvar[j])
+        mean = torch.stack([f[0] for f in found]).to(self.device, torch.float32)
+        logvar = torch.stack([f[1] for f in found]).to(self.device, torch.float32)
+        noise = torch.randn(mean.shape, generator=generator, device=self.device)  # as latent_dist.sample draws
+        return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -268,7 +310,7 @@ class BoLIDTrainingModule(L.LightningModule):
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: bool = True) -> torch.Tensor:
         hp, b = self.hparams, batch["pixels"].shape[0]
-        latents = self.encode_latents(batch["pixels"], generator).float()
+        latents = self.target_latents(batch, generator).float()
         text, pooled = self.encode_text(batch["caption"])
         u = torch.rand(b, 4, generator=generator, device=self.device)
         drop_all = u[:, 0] < hp.drop_all if dropout else torch.zeros(b, dtype=torch.bool, device=self.device)
