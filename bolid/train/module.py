@@ -410,7 +410,7 @@ class BoLIDTrainingModule(L.LightningModule):
             parts.update(self.id_losses(batch, self._generator(salt=1)))
             loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
         if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} ({values}); stopping. The last good checkpoint is kept "
                 "(resume with --ckpt_path last); lower model.lr or check the data."
