@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -404,7 +405,10 @@ class BodyConditionModule(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(state, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # Each file goes to a temporary name and is renamed when complete: a killed save leaves no torn file.
+        tmp = path / f".{ADAPTER_WEIGHTS}.{os.getpid()}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / ADAPTER_WEIGHTS)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -417,7 +421,9 @@ class BodyConditionModule(nn.Module):
             "unet": self.signature,
             "base_kv": self.base_kv,
         }
-        (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        tmp = path / f".{ADAPTER_CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        os.replace(tmp, path / ADAPTER_CONFIG)
         return path
 
     @staticmethod

@@ -206,6 +206,20 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
     assert acc.Tags()["images"]  # the sample grid
 
+    # `bolid export` turns the last checkpoint into the same adapter training wrote at its end.
+    from safetensors.torch import load_file
+
+    from bolid.__main__ import main as bolid_main
+
+    out = tmp_path / "exported"
+    assert bolid_main(["export", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)]) == 0
+    a, b = load_file(out / "adapter.safetensors"), load_file(run / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "diffusers" / "bolid_face.safetensors").is_file()
+    assert bolid_main(["export", str(run / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "ema"), "--ema"]) == 0
+    e = load_file(tmp_path / "ema" / "adapter.safetensors")
+    assert any(not torch.equal(e[k], a[k]) for k in a)  # EMA weights differ from the raw ones
+
 
 def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""

@@ -32,6 +32,7 @@ resumed run continues exactly where the killed one would have gone.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -487,6 +488,8 @@ class BoLIDTrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = set(self.trainable_named_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # The adapter's full settings (also when it came from model.init_adapter), for `bolid export`.
+        checkpoint["adapter_config"] = asdict(self.adapter.config)
         if self._ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self._ema.items()}
 
