@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from bolid.images import ImageError, load_image
 from bolid.metrics import BodySimilarity, CLIPImageSimilarity, CLIPTextScore
@@ -335,7 +336,8 @@ class _Run:
         return _Batch(images, paths, self.scorer.keypoints(images) if ident is None else None)
 
     def shared(self, variant: Variant, fn: GenerateFn) -> list[_Batch]:
-        return [self.make(variant, fn, pi) for pi in range(len(self.prompts))]
+        prompts = tqdm(range(len(self.prompts)), desc=f"{variant.name} (no identity)", unit="prompt", leave=False)
+        return [self.make(variant, fn, pi) for pi in prompts]
 
     def score(
         self, variant: Variant, fn: GenerateFn, ds: EvalDataset, base: list[_Batch], shared: list[_Batch] | None
@@ -346,9 +348,11 @@ class _Run:
         clip_i = CLIPImageSimilarity(self.clip).to(self.s.device)
         ref_kps = {ident.name: self.scorer.keypoints(ident.references[:1]) for ident in ds.identities}
         groups: list[str] = []
+        bar = tqdm(total=len(ds.identities) * len(self.prompts), desc=f"{variant.name} / {ds.name}", unit="prompt")
         for ident in ds.identities:
-            log.info("model %s, dataset %s, identity %s", variant.name, ds.name, ident.name)
+            log.debug("model %s, dataset %s, identity %s", variant.name, ds.name, ident.name)
             for pi, prompt in enumerate(self.prompts):
+                bar.update()
                 batch = shared[pi] if shared is not None else self.make(variant, fn, pi, ds.name, ident)
                 n0, n = len(groups), len(batch.images)
                 body.update(
@@ -365,6 +369,7 @@ class _Run:
                     line.update(prompt_index=pi, prompt=prompt, k=k, seed=seed, settings=variant.settings)
                     line.update({m: _num(v[k]) for m, v in scores.items()})
                     self.manifest.write(json.dumps(line) + "\n")
+        bar.close()
         metrics = {}
         for name, metric in (("body_sim", body), ("clip_t", clip_t), ("clip_i", clip_i)):
             mean, low, high, n = cluster_bootstrap_ci(
