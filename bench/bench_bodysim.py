@@ -85,6 +85,7 @@ def measure(data: Path, min_score: float) -> dict:
         "sim_same": float(sims[ok & same].mean()),
         "sim_diff": float(sims[ok & ~same].mean()),
         "pose_seconds_per_image": seconds / len(rows),
+        "curve": {"shipped": (sims[ok], same[ok])},
     }
     # Statistics re-estimated per pair without the pair's two identities.
     held = []
@@ -101,6 +102,7 @@ def measure(data: Path, min_score: float) -> dict:
     both = m[a] * m[b]
     raw = (p[a] * p[b] * both).sum(-1) / ((p[a] * both).norm(dim=-1) * (p[b] * both).norm(dim=-1)).clamp(min=1e-8)
     out["auc_raw"] = auroc(raw[ok], same[ok])
+    out["curve"]["raw proportions"] = (raw[ok], same[ok])
 
     out["stats"] = proportion_stats(kps, min_score)
     pose_dir = data / "posevaried"
@@ -119,6 +121,36 @@ def measure(data: Path, min_score: float) -> dict:
             "median": float(torch.nanmedian(ps)),
         }
     return out
+
+
+def plot(r: dict, path: Path) -> None:
+    """ROC curves (shipped vs raw proportions) and the score distributions of same / different people."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchmetrics.functional.classification import binary_roc
+
+    fig, (roc, hist) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for name, (scores, same) in r["curve"].items():
+        fpr, tpr, _ = binary_roc(scores.float(), same.long())
+        roc.plot(fpr, tpr, label=f"{name} (AUC {auroc(scores, same):.3f})")
+    roc.plot([0, 1], [0, 1], ls=":", c="grey")
+    roc.set(xlabel="false positive rate (different people)", ylabel="true positive rate (same person)",
+            title="Body Sim as a same-person detector")  # fmt: skip
+    roc.legend(loc="lower right")
+    scores, same = r["curve"]["shipped"]
+    bins = torch.linspace(-1, 1, 41).tolist()
+    hist.hist(
+        scores[~same].tolist(), bins=bins, density=True, alpha=0.6, label=f"different people ({int((~same).sum())})"
+    )
+    hist.hist(scores[same].tolist(), bins=bins, density=True, alpha=0.6, label=f"same person ({int(same.sum())})")
+    hist.set(xlabel="Body Sim", ylabel="density", title="Body Sim of photo pairs")
+    hist.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def report(r: dict) -> str:
@@ -179,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (torch.allclose(mean, shipped[0], atol=2e-3) and torch.allclose(std, shipped[1], atol=2e-3)):
         print("note: these photos' statistics differ from the shipped BODY_STATS_* (see --stats)", file=sys.stderr)
     section = report(r)
+    if args.write:
+        figure = Path(args.write).parent / "docs" / "bodysim_roc.png"
+        plot(r, figure)
+        section += f"\n\n![Body Sim ROC and score distributions]({figure.relative_to(Path(args.write).parent)})"
     print(section)
     if args.write:
         write_section(args.write, "bodysim", section)
