@@ -39,6 +39,7 @@ results.json hold both ends. With one identity there is no interval ("n/a").
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -140,9 +141,15 @@ class RunSettings:
 
 
 def _slug(name: str) -> str:
-    """A file-name-safe form of ``name`` (letters, digits, ``.-_``)."""
+    """A file-name-safe form of ``name`` (letters, digits, ``.-_``), unique per name.
+
+    When making it safe changed the name (non-ASCII letters, spaces, ...), 8 hex digits of the name's SHA-256
+    are appended, so that e.g. "Анна" and "Иван", or "Anna Ivanova" and "Anna_Ivanova", never share a folder.
+    """
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return s or "unnamed"
+    if s == name:
+        return s
+    return f"{s or 'id'}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
 
 
 def folder_dataset(name: str, root: str | Path, max_identities: int | None = None, references: int = 1) -> EvalDataset:

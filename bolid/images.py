@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Refuse images with more pixels than this (decompression bombs); ~ 16k x 16k.
@@ -30,9 +31,16 @@ def _name(src) -> str:
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any mode to RGB: greyscale and CMYK are converted, alpha is composited on ``background``."""
+    """Convert any mode to RGB: greyscale and CMYK are converted, alpha is composited on ``background``,
+    16-bit and float greyscale is scaled to 8 bits (Pillow's own conversion would clip it at 255)."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, background)
@@ -51,6 +59,8 @@ def image_size(src: str | Path | bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
             w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
+    except Image.DecompressionBombError as e:  # Pillow refuses to even open it: far too many pixels
+        raise ImageError(f"{_name(src)}: too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{_name(src)}: not a readable image ({e})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -64,6 +64,10 @@ class StayOnSiteMiddleware:
         raise IgnoreRequest(f"off-site: {request.url}")
 
 
+#: The longest server-requested Retry-After honoured, in seconds.
+RETRY_AFTER_MAX = 3600.0
+
+
 class BackoffRetryMiddleware(RetryMiddleware):
     """Scrapy's RetryMiddleware plus a growing wait before each retry (see the module docstring)."""
 
@@ -74,10 +78,10 @@ class BackoffRetryMiddleware(RetryMiddleware):
 
     def backoff(self, retry_times: int, retry_after: bytes | None = None) -> float:
         """Seconds to wait before retry number ``retry_times`` (1-based)."""
-        delay = self.backoff_base * 2 ** (retry_times - 1)
-        if retry_after:
-            delay = max(delay, _parse_retry_after(retry_after.decode("latin-1")))
-        return min(delay, self.backoff_max)
+        delay = min(self.backoff_base * 2 ** (retry_times - 1), self.backoff_max)
+        if retry_after:  # the server's own Retry-After wins when longer (bounded to an hour against nonsense dates)
+            delay = max(delay, min(_parse_retry_after(retry_after.decode("latin-1")), RETRY_AFTER_MAX))
+        return delay
 
     async def process_request(self, request: Request) -> None:
         wait = request.meta.get("retry_not_before", 0.0) - time.monotonic()

@@ -26,6 +26,7 @@ killed-and-restarted crawl ends with the same manifest as an uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -152,6 +153,7 @@ class Store:
         self._persons: dict[str, dict[str, Any]] = {}  # identity -> {"name", "url"}
         self._manifest_fd: int | None = None
         self._rejects_fd: int | None = None
+        self._lock_fd: int | None = None  # lock on OUT/.lock while open
         self._writer: ThreadPoolExecutor | None = None  # one thread: disk steps run in submission order
         self.write_error: OSError | None = None  # first failed disk step; nothing is written after it
         self.resumed_kept = 0
@@ -160,7 +162,20 @@ class Store:
     # ---------------------------------------------------------------- open / close
 
     def open(self) -> None:
-        """Create OUT, drop half-written files, rebuild the indexes from the journals and compact them."""
+        """Create OUT, drop half-written files, rebuild the indexes from the journals and compact them.
+
+        Raises:
+            RuntimeError: another crawl holds OUT (two crawls appending to one manifest would lose lines).
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            # A POSIX record lock: held per process, so only another process (a second crawl) is refused.
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise RuntimeError(f"{self.out} is in use by another crawl; wait for it or use another --out") from None
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.partial_dir.iterdir():
@@ -208,6 +223,9 @@ class Store:
         write_jsonl_atomic(self.persons_path, self.person_rows())
         if self.partial_dir.is_dir() and not any(self.partial_dir.iterdir()):
             self.partial_dir.rmdir()
+        if self._lock_fd is not None:  # closing the descriptor releases the lock
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _load_manifest(self) -> None:
         groups: dict[str, list[dict[str, Any]]] = {}

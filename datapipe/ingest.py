@@ -115,13 +115,26 @@ def _from_manifest(in_dir: Path, manifest: Path) -> Iterator[Source]:
         log.warning("%s: ignored %d unreadable or invalid lines", manifest, bad)
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file-system name is valid UTF-8 (names from e.g. cp1251 archives reach Python as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _from_folders(in_dir: Path) -> Iterator[Source]:
     ignored = 0
+    bad_names: list[str] = []
     for entry in sorted(os.scandir(in_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
             ignored += 1
+            continue
+        if not _utf8(entry.name):
+            bad_names.append(ascii(entry.path))
             continue
         for root, dirs, files in os.walk(entry.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -132,7 +145,20 @@ def _from_folders(in_dir: Path) -> Iterator[Source]:
                     ignored += 1
                     continue
                 path = Path(root) / name
-                yield Source(entry.name, entry.name, path.relative_to(in_dir).as_posix(), path)
+                rel = path.relative_to(in_dir).as_posix()
+                if not _utf8(rel):
+                    bad_names.append(ascii(str(path)))
+                    continue
+                yield Source(entry.name, entry.name, rel, path)
+    if bad_names:
+        log.warning(
+            "%s: skipped %d files or folders whose names are not valid UTF-8 (e.g. %s); rename them to UTF-8 "
+            "(for example `convmv -f cp1251 -t utf8 -r --notest %s`) and run again",
+            in_dir,
+            len(bad_names),
+            ", ".join(bad_names[:3]),
+            in_dir,
+        )
     if ignored:
         log.info("%s: ignored %d files that are not images in an <identity>/ folder", in_dir, ignored)
 

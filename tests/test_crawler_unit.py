@@ -22,7 +22,7 @@ from crawler.__main__ import build_parser, config_from_args
 from crawler.config import DEFAULT_CONFIG, CrawlConfig
 from crawler.demo_site import DemoSite, claimed_size_jpeg, synthetic_jpeg
 from crawler.items import PhotoItem
-from crawler.middlewares import BackoffRetryMiddleware, StayOnSiteMiddleware
+from crawler.middlewares import RETRY_AFTER_MAX, BackoffRetryMiddleware, StayOnSiteMiddleware
 from crawler.pipelines import DedupPipeline, ImageCheckPipeline, ImageRejected, StorePipeline, inspect_image
 from crawler.spiders.theplace import TheplaceSpider, parse_slugs
 from crawler.store import Store, read_jsonl, safe_identity
@@ -286,7 +286,8 @@ def test_retry_backoff_grows_and_honours_retry_after(tmp_path):
     middleware = BackoffRetryMiddleware.from_crawler(spider.crawler)
     assert [middleware.backoff(n) for n in (1, 2, 3, 5)] == [2.0, 4.0, 8.0, 30.0]
     assert middleware.backoff(1, b"10") == 10.0
-    assert middleware.backoff(1, b"3600") == 30.0
+    assert middleware.backoff(1, b"3600") == 3600.0  # the server's Retry-After wins over the backoff cap
+    assert middleware.backoff(1, b"999999") == RETRY_AFTER_MAX  # but nonsense values are bounded
     request = Request(f"{BASE}/archive/a.jpg")
     retry = middleware.process_response(request, Response(request.url, status=503, request=request))
     assert isinstance(retry, Request) and retry.meta["retry_times"] == 1 and "retry_not_before" in retry.meta
@@ -572,3 +573,21 @@ def test_demo_site_from_identities_serves_given_images():
     assert "Иван Тест" in routes["/photos/ivan_test/"].body.decode()
     with pytest.raises(ValueError, match="slug"):
         DemoSite.from_identities({"../x": ("X", [body])})
+
+
+def test_a_second_crawl_cannot_open_the_same_out(tmp_path):
+    import subprocess
+    import sys
+
+    from crawler.store import Store
+
+    probe = f"from crawler.store import Store; Store({str(tmp_path / 'out')!r}).open()"
+    first = Store(tmp_path / "out")
+    first.open()
+    try:  # another process (a second crawl) is refused while the first holds OUT
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert other.returncode != 0 and "in use by another crawl" in other.stderr
+    finally:
+        first.close()
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0  # released
+

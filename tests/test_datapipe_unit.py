@@ -316,3 +316,20 @@ def test_cli_help_and_errors(tmp_path):
     assert bad.returncode == 2 and "not a folder" in bad.stderr
     missing = cli("merge", str(tmp_path))
     assert missing.returncode == 2 and "no part indexes" in missing.stderr
+
+
+def test_non_utf8_file_names_are_skipped_with_a_warning(tmp_path, caplog):
+    import os
+
+    from datapipe.ingest import discover
+    from datapipe.synthetic import jpeg_bytes, synthetic_photo
+
+    (tmp_path / "anna").mkdir()
+    (tmp_path / "anna" / "ok.jpg").write_bytes(jpeg_bytes(synthetic_photo(64, 64, 1)))
+    bad = os.path.join(os.fsencode(tmp_path / "anna"), "Привет.jpg".encode("cp1251"))
+    with open(bad, "wb") as fh:
+        fh.write(jpeg_bytes(synthetic_photo(64, 64, 2)))
+    with caplog.at_level("WARNING"):
+        sources, layout = discover(tmp_path)
+    assert layout == "folders" and [s.rel for s in sources] == ["anna/ok.jpg"]
+    assert "not valid UTF-8" in caplog.text

@@ -268,3 +268,12 @@ def test_comparison_figure_has_a_cell_per_model(run):
     rows = 2 * 2  # datasets x prompts (one identity each)
     assert fig.width == 160 + columns * (tile + pad) + pad  # label column is at least 160 px
     assert fig.height == 46 + rows * (tile + pad) + pad
+
+
+def test_identity_folders_never_collide():
+    from bolid.evaluate import _slug
+
+    names = ["Анна", "Иван", "Anna Ivanova", "Anna_Ivanova", "anna", "a/b", "a_b"]
+    slugs = [_slug(n) for n in names]
+    assert len(set(slugs)) == len(names)
+    assert _slug("anna") == "anna" and all("/" not in s for s in slugs)

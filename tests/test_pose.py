@@ -105,3 +105,25 @@ def test_person_serialises_round_trip():
     np.testing.assert_allclose(q.keypoints, kp, atol=1e-2)
     assert q.area == p.area == 29 * 38
     assert len(BLAZEPOSE_TO_COCO) == 17
+
+
+def test_16_bit_greyscale_keeps_its_range():
+    arr = (np.linspace(0, 65535, 64 * 32).reshape(32, 64)).astype(np.uint16)
+    out = np.asarray(load_image(Image.fromarray(arr)))  # mode I;16
+    assert out.shape == (32, 64, 3)
+    assert out.min() == 0 and out.max() == 255 and 120 < out.mean() < 135  # not clipped to white
+
+
+def test_a_decompression_bomb_header_is_a_clear_error(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "bomb.png"  # a valid PNG header claiming 30000 x 30000 px, no pixel data
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)))
+    with pytest.raises(ImageError, match="bomb.png"):
+        image_size(path)
+    with pytest.raises(ImageError, match="bomb.png"):
+        load_image(path)
