@@ -122,8 +122,8 @@ class AdapterConfig:
     def __post_init__(self):
         if self.num_tokens < 1:
             raise ValueError(f"adapter.num_tokens must be >= 1, got {self.num_tokens}")
-        if self.kv_rank is not None and self.kv_rank < 0:
-            raise ValueError(f"adapter.kv_rank must be >= 0 or null (full rank), got {self.kv_rank}")
+        if self.kv_rank is not None and self.kv_rank < 1:
+            raise ValueError(f"adapter.kv_rank must be >= 1 or null (full rank), got {self.kv_rank}")
         for name in ("face_hidden_dim", "body_dim", "body_hidden_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:

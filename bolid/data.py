@@ -172,10 +172,24 @@ def identity_pairs(
             j = j + 1 if j >= i else j  # uniform over the others, never i itself
             yield group[j], group[i]
 
+    keys: set[str] = set()
+    reads: dict[str | None, int | None] = {}  # shard url -> which read of it the group holds
     for sample in samples:
-        if group and (sample["identity"] != group[0]["identity"] or len(group) >= max_group):
+        # A group is one identity's consecutive samples. With resampling the same shard can be read again while
+        # its identity's group is open (``__read__`` numbers the reads): that starts a new group, so a photo is
+        # never its own reference.
+        url, read = sample.get("__url__"), sample.get("__read__")
+        if group and (
+            sample["identity"] != group[0]["identity"]
+            or (url in reads and reads[url] != read)
+            or len(group) >= max_group
+        ):
             yield from flush()
-            group = []
+            group, keys, reads = [], set(), {}
+        reads[url] = read
+        if sample["__key__"] in keys:  # the same photo twice in a group (a duplicated sample): keep it once
+            continue
+        keys.add(sample["__key__"])
         group.append(sample)
     if group:
         yield from flush()
@@ -193,7 +207,13 @@ def _decode(sample: dict) -> dict:
     image = load_image(sample["jpg"])
     if image.size != (meta.width, meta.height):
         raise ValueError(f"sample {sample['__key__']}: jpg is {image.size}, json says {(meta.width, meta.height)}")
-    return {"__key__": sample["__key__"], "identity": meta.identity, "image": image, "meta": meta}
+    return {
+        "__key__": sample["__key__"],
+        "__url__": sample.get("__url__"),
+        "identity": meta.identity,
+        "image": image,
+        "meta": meta,
+    }
 
 
 def to_training_pair(
@@ -207,6 +227,7 @@ def to_training_pair(
     return {
         "pixels": pixels,
         "time_ids": crop.time_ids(),
+        "flip": torch.tensor(flip),
         "caption": tmeta.caption,
         "ref_pixels": ref_pixels,
         "ref_keypoints": ref_kp,
@@ -329,16 +350,20 @@ class PairDataset(torch.utils.data.IterableDataset):
             return
 
         def samples() -> Iterator[dict]:
-            for raw in wds.tarfile_samples(self._shard_stream(rank, worker, rng), handler=self._corrupt):
-                try:
-                    if "jpg" not in raw or "json" not in raw:
-                        raise ValueError(f"sample {raw.get('__key__')} lacks jpg or json")
-                    sample = _decode(raw)
-                except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
-                    self._corrupt(e)
-                    continue
-                if sample["identity"] in self.identities:
-                    yield sample
+            # One shard at a time, each read numbered: with resampling the same shard can be read twice in a row,
+            # and pairing must see two separate groups then (a photo is never its own reference).
+            for read, shard in enumerate(self._shard_stream(rank, worker, rng)):
+                for raw in wds.tarfile_samples([shard], handler=self._corrupt):
+                    try:
+                        if "jpg" not in raw or "json" not in raw:
+                            raise ValueError(f"sample {raw.get('__key__')} lacks jpg or json")
+                        sample = _decode(raw)
+                    except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
+                        self._corrupt(e)
+                        continue
+                    if sample["identity"] in self.identities:
+                        sample["__read__"] = read
+                        yield sample
 
         pairs = identity_pairs(samples(), rng, on_singleton=lambda ident: self.singletons(ident))
         if self.shuffle_buffer > 1:

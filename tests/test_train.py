@@ -46,6 +46,16 @@ def test_pairs_never_self_and_never_cross_identities():
         assert ref["identity"] == target["identity"] and ref["__key__"] != target["__key__"]
 
 
+def test_resampled_stream_never_pairs_a_photo_with_itself(tiny_shards):
+    from datapipe.shards import read_index
+
+    ds = PairDataset.from_index(read_index(tiny_shards), "train", train=True, resolution=64, ref_size=64,
+                                batch_size=1, resampled=True, epoch_pairs=300)  # fmt: skip
+    pairs = [(b["key"][0], b["ref_key"][0]) for b in ds]
+    assert len(pairs) == 300  # drawn with replacement: the same shard often comes twice in a row
+    assert all(key != ref and key.rsplit("_", 1)[0] == ref.rsplit("_", 1)[0] for key, ref in pairs)
+
+
 def test_shard_stream_pairs_each_sample_once_per_epoch(tiny_shards):
     from datapipe.shards import read_index
 

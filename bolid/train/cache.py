@@ -4,7 +4,7 @@ Stage 1 spends much of each step in the frozen VAE encoder and the two text enco
 depend only on the input. With ``model.cache_dir`` set, the module stores
 
 * for a target crop: the VAE's latent *distribution* (mean and log-variance, so a fresh latent is still
-  sampled every step), keyed by the sample key and the crop (``time_ids``);
+  sampled every step), keyed by the sample key, the crop (``time_ids``) and the flip;
 * for a caption: SDXL's prompt embeddings and pooled embedding, keyed by the caption's SHA-256.
 
 Entries live under ``<cache_dir>/<fingerprint>/``, where the fingerprint names the components (a cache
@@ -45,16 +45,16 @@ class EncodingCache:
         save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
 
-    def _latent_path(self, key: str, time_ids: torch.Tensor) -> Path:
+    def _latent_path(self, key: str, time_ids: torch.Tensor, flip: bool) -> Path:
         crop = "-".join(str(int(v)) for v in time_ids.tolist())
-        return self.root / "latents" / f"{key}_{crop}.safetensors"
+        return self.root / "latents" / f"{key}_{crop}{'_flip' if flip else ''}.safetensors"
 
     def _text_path(self, caption: str) -> Path:
         return self.root / "text" / f"{hashlib.sha256(caption.encode()).hexdigest()[:32]}.safetensors"
 
-    def get_latents(self, key: str, time_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get_latents(self, key: str, time_ids: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(mean, logvar)`` of one crop's latent distribution, or ``None``."""
-        path = self._latent_path(key, time_ids)
+        path = self._latent_path(key, time_ids, flip)
         if not path.is_file():
             self.misses += 1
             return None
@@ -62,8 +62,10 @@ class EncodingCache:
         t = load_file(str(path))
         return t["mean"], t["logvar"]
 
-    def put_latents(self, key: str, time_ids: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        self._write(self._latent_path(key, time_ids), {"mean": mean, "logvar": logvar})
+    def put_latents(
+        self, key: str, time_ids: torch.Tensor, flip: bool, mean: torch.Tensor, logvar: torch.Tensor
+    ) -> None:
+        self._write(self._latent_path(key, time_ids, flip), {"mean": mean, "logvar": logvar})
 
     def get_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(prompt_embeds, pooled)`` of one caption, or ``None``."""

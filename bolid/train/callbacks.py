@@ -20,9 +20,9 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` steps, log rows of ``reference | generated with ID | generated without ID``.
 
-    The first validation batch (or the current training batch when there is no validation set) gives
-    the references and captions; generation uses the Lightning branch's sampler with a fixed seed, so
-    successive grids differ only by what the adapter learned.
+    The first training batch that reaches a logging step gives the references and captions, and is
+    kept; generation uses the Lightning branch's sampler with a fixed seed, so successive grids differ
+    only by what the adapter learned.
 
     Args:
         every_n_steps: interval in optimiser steps (0 = use the module's ``sample_every_n_steps``).
@@ -37,6 +37,8 @@ class SampleGrid(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_steps or pl_module.hparams.sample_every_n_steps
         if not every or trainer.global_step % every or not trainer.is_global_zero:
+            return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # only once per optimiser step
             return
         if self._batch is None:
             self._batch = {k: (v[: self.num_rows] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}

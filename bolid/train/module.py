@@ -7,7 +7,8 @@ Objective (paper draft; PuLID's Lightning-branch recipe for the ID terms)::
 * ``L_diff``: the SDXL diffusion loss on the *target* photo, conditioned on its caption and on the face
   and body vectors of a *reference* photo of the same person (:mod:`bolid.data`). Conditions are
   dropped at random for classifier-free guidance (text, face, body, or all at once); a dropped
-  identity is the zero vector, exactly the negative that generation uses.
+  face or body is the zero vector with its attention term on, exactly the negative that CFG uses at
+  inference (a face that is not visible is masked out instead, in training and at inference alike).
 * ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch generates from pure noise with
   the same adapter and the target's caption, keeping gradients only through the last ``grad_steps``
   of its ``lightning_steps`` Euler steps; the VAE decodes, then ViTPose with a soft-argmax reads the
@@ -202,7 +203,9 @@ class BoLIDTrainingModule(L.LightningModule):
         self.requires_grad_(False)
         dtype = _DTYPES[hp.frozen_dtype]
         if dtype != torch.float32:
-            frozen = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.lightning_unet, self.pose)
+            # The SDXL VAE overflows in fp16 (its config sets force_upcast): it stays fp32 unless bf16 is asked for.
+            vae = self.vae if dtype == torch.bfloat16 else None
+            frozen = (self.unet, vae, self.text_encoder, self.text_encoder_2, self.lightning_unet, self.pose)
             for module in (*frozen, image_encoder, self.clip_loss.model if self.clip_loss is not None else None):
                 if module is not None:
                     module.to(dtype)
@@ -235,9 +238,12 @@ class BoLIDTrainingModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- helpers
 
-    def _generator(self, salt: int = 0) -> torch.Generator:
+    def _generator(self, salt: int = 0, batch_idx: int = 0) -> torch.Generator:
+        """Per-step randomness, seeded by (seed, global_step, micro-batch within an accumulation window, rank)."""
         rank = self.global_rank if self._trainer is not None else 0
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 9_176 + rank * 131 + salt) % (2**63)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro = batch_idx % max(accumulate, 1)
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 9_176 + micro * 7 + rank * 131 + salt) % (2**63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.no_grad()
@@ -269,13 +275,16 @@ class BoLIDTrainingModule(L.LightningModule):
         """Latents of the target crops, from the cache of latent distributions when one is configured."""
         if self.cache is None:
             return self.encode_latents(batch["pixels"], generator)
-        found = [self.cache.get_latents(k, t) for k, t in zip(batch["key"], batch["time_ids"], strict=True)]
+        flips = [bool(f) for f in batch["flip"]]
+        found = [
+            self.cache.get_latents(k, t, f) for k, t, f in zip(batch["key"], batch["time_ids"], flips, strict=True)
+        ]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             vae_dtype = next(self.vae.parameters()).dtype
             dist = self.vae.encode(batch["pixels"][todo].to(vae_dtype)).latent_dist
             for j, i in enumerate(todo):
-                self.cache.put_latents(batch["key"][i], batch["time_ids"][i], dist.mean[j], dist.logvar[j])
+                self.cache.put_latents(batch["key"][i], batch["time_ids"][i], flips[i], dist.mean[j], dist.logvar[j])
                 found[i] = (dist.mean[j], dist.logvar[j])
         mean = torch.stack([f[0] for f in found]).to(self.device, torch.float32)
         logvar = torch.stack([f[1] for f in found]).to(self.device, torch.float32)
@@ -320,9 +329,13 @@ class BoLIDTrainingModule(L.LightningModule):
         drop_body = (u[:, 3] < hp.drop_body) | drop_all if dropout else drop_all
         text = text * (~drop_text).to(text.dtype)[:, None, None]
         pooled = pooled * (~drop_text).to(pooled.dtype)[:, None]
-        embeds = self._identity(batch, keep_face)
+        # Dropped face / body = the zero vector with the term on: exactly the negative that CFG uses at inference
+        # (IP-Adapter practice). A face that is not visible is masked out instead, in training and inference alike.
+        embeds = self._identity(batch)
         embeds = IdentityEmbeds(
-            embeds.face, embeds.body * (~drop_body).to(embeds.body.dtype)[:, None], embeds.face_visible
+            embeds.face * keep_face.to(embeds.face.dtype)[:, None],
+            embeds.body * (~drop_body).to(embeds.body.dtype)[:, None],
+            embeds.face_visible,
         )
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -403,12 +416,12 @@ class BoLIDTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        generator = self._generator()
+        generator = self._generator(batch_idx=batch_idx)
         parts = {"loss_diff": self.diffusion_loss(batch, generator)}
         loss = hp.w_diff * parts["loss_diff"]
         step = self.global_step
         if hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0:
-            parts.update(self.id_losses(batch, self._generator(salt=1)))
+            parts.update(self.id_losses(batch, self._generator(salt=1, batch_idx=batch_idx)))
             loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
@@ -475,6 +488,8 @@ class BoLIDTrainingModule(L.LightningModule):
             return
         with torch.no_grad():
             for k, p in params.items():
+                if self._ema[k].device != p.device:  # restored from a checkpoint before the model moved to the GPU
+                    self._ema[k] = self._ema[k].to(p.device)
                 self._ema[k].lerp_(p.detach(), 1.0 - decay)
 
     def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
