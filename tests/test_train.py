@@ -215,6 +215,7 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     acc.Reload()
     assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
     assert acc.Tags()["images"]  # the sample grid
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
 
     # `bolid export` turns the last checkpoint into the same adapter training wrote at its end.
     from safetensors.torch import load_file

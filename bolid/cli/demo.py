@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         ("checkpoint", ckpt),
         ("adapter", train / "adapter"),
         ("TensorBoard", train / "tensorboard"),
+        ("sample grids", train / "samples"),
         ("results table", eval_dir / "results.md"),
         ("comparison figure", eval_dir / "comparison.png"),
     ]

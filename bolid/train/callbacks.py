@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image
 
 from bolid.adapter import IdentityEmbeds
 
@@ -18,7 +19,8 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` steps, log rows of ``reference | generated with ID | generated without ID``.
+    """Every ``every_n_steps`` steps, log rows of ``reference | generated with ID | generated without ID``
+    to TensorBoard and to ``<default_root_dir>/samples/step_NNNNNNN.png``.
 
     The first training batch that reaches a logging step gives the references and captions, and is
     kept; generation uses the Lightning branch's sampler with a fixed seed, so successive grids differ
@@ -46,6 +48,10 @@ class SampleGrid(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("samples/reference|with_id|without_id", grid, trainer.global_step)
+        # Also as a PNG, for a look without TensorBoard.
+        folder = Path(trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(folder / f"step_{trainer.global_step:07d}.png")
 
     @torch.no_grad()
     def render(self, module, batch: dict) -> torch.Tensor:
