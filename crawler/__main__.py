@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import urlsplit
 
 from crawler.config import DEFAULT_CONFIG, CrawlConfig
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-polite",
         action="store_true",
         help="no delay, no AutoThrottle, 16 requests at once (robots.txt still obeyed): "
-        "only for a site you run yourself, e.g. crawler.demo_site",
+        "refused for any host but this machine (127.0.0.1, localhost), e.g. crawler.demo_site",
     )
     misc = p.add_argument_group("bookkeeping")
     misc.add_argument(
@@ -123,7 +124,15 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
         overrides["min_width"] = overrides["min_width"] or args.min_size
         overrides["min_height"] = overrides["min_height"] or args.min_size
     config = CrawlConfig.from_yaml(args.config, **overrides)
-    return config.impolite() if args.no_polite else config
+    if args.no_polite:
+        host = (urlsplit(config.base_url).hostname or "").lower()
+        if host != "localhost" and not host.startswith("127.") and host != "::1":
+            raise ValueError(
+                f"--no-polite is only for a site served from this machine (127.0.0.1, localhost), not {host!r}; "
+                "for a mirror you run elsewhere, set --download-delay 0 --no-autothrottle --concurrency N explicitly"
+            )
+        return config.impolite()
+    return config
 
 
 def run(config: CrawlConfig) -> int:

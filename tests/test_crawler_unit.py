@@ -524,6 +524,8 @@ def test_flags_override_the_yaml():
         [
             "--out",
             "/tmp/x",
+            "--base-url",
+            "http://127.0.0.1:8765",
             "--persons",
             "a,b",
             "--min-size",
@@ -591,3 +593,10 @@ def test_a_second_crawl_cannot_open_the_same_out(tmp_path):
         first.close()
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0  # released
 
+
+def test_no_polite_is_refused_for_a_remote_site(capsys):
+    from crawler.__main__ import main as crawl_main
+
+    with pytest.raises(SystemExit) as info:
+        crawl_main(["--base-url", "https://www.theplace.ru", "--no-polite", "--out", "/tmp/never-used"])
+    assert info.value.code == 2 and "only for a site served from this machine" in capsys.readouterr().err
