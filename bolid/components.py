@@ -52,6 +52,7 @@ class ComponentSpec:
     local_layout: str
     filename: str | None = None  # a single file inside the repo (SDXL-Lightning)
     open_clip_pretrained: str | None = None  # open_clip pretrained tag (EVA-CLIP)
+    download: str | None = None  # the hub repo to download, when it is not ``default`` (EVA-CLIP)
 
     @property
     def env_var(self) -> str:
@@ -104,6 +105,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
             "EVA-CLIP image/text encoder (open_clip architecture name)",
             "an open_clip checkpoint file (open_clip_pytorch_model.bin / .safetensors) or 'local-dir:' folder",
             open_clip_pretrained="merged2b_s6b_b61k",
+            download="timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k",
         ),
         ComponentSpec(
             "clip",
@@ -124,8 +126,8 @@ class MissingWeightsError(RuntimeError):
         how = ""
         if spec is not None:
             how = (
-                f"\n  To provide it: download '{spec.default}' on a machine with internet "
-                f"(e.g. `huggingface-cli download {spec.default}`"
+                f"\n  To provide it: download '{spec.download or spec.default}' on a machine with internet "
+                f"(e.g. `huggingface-cli download {spec.download or spec.default}`"
                 + (f" {spec.filename}" if spec.filename else "")
                 + ") and copy the cache, or point BoLID at a local copy with "
                 f"`{spec.env_var}=/path` or `components.overrides.{component}: /path` in the config."
