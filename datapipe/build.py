@@ -207,6 +207,8 @@ def build(
             "settings": _settings(config),
             "shards": shards,
             "identities": identities,
+            # Content hashes per identity, so that the merge can find a photo kept by two parts.
+            "hashes": {i: sorted(it.sha256 for it, _ in kept if it.identity == i) for i in sorted(identities)},
             "stats": stats.to_dict(),
         }
         write_part(out, part, num_parts, content, rejects)

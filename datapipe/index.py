@@ -98,6 +98,20 @@ def find_parts(out: Path, num_parts: int | None = None) -> tuple[int, list[Path]
     return num_parts, [parts[i] for i in range(num_parts)]
 
 
+def cross_part_duplicates(parts: list[dict], split: dict[str, str]) -> list[dict]:
+    """Photos (by SHA-256) that more than one part kept: ``[{sha256, identities, splits}]``, sorted."""
+    owners: dict[str, set[str]] = {}
+    for p in parts:
+        for identity, hashes in p.get("hashes", {}).items():
+            for sha in hashes:
+                owners.setdefault(sha, set()).add(identity)
+    return [
+        {"sha256": sha, "identities": sorted(ids), "splits": sorted({split[i] for i in ids})}
+        for sha, ids in sorted(owners.items())
+        if len(ids) > 1
+    ]
+
+
 def merge(out: Path, num_parts: int | None = None, validation: float | None = None, test: float | None = None) -> dict:
     """Combine the part indexes of ``out`` into ``index.json``, ``stats.json`` and ``rejects.jsonl``.
 
@@ -144,6 +158,16 @@ def merge(out: Path, num_parts: int | None = None, validation: float | None = No
         }
     for name in identities:
         identities[name]["split"] = split[name]
+    duplicates = cross_part_duplicates(parts, split)
+    if duplicates:
+        leaks = [d for d in duplicates if len(d["splits"]) > 1]
+        log.warning(
+            "%d photos were kept by two parts under different identities (exact dedupe runs within a part), %d of "
+            "them across splits, e.g. %s: listed in index.json 'duplicates'; dedupe the input and rebuild to drop them",
+            len(duplicates),
+            len(leaks),
+            duplicates[0]["identities"],
+        )
     index = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -155,6 +179,7 @@ def merge(out: Path, num_parts: int | None = None, validation: float | None = No
         "identities": {n: identities[n] for n in sorted(identities)},
         "splits": splits,
         "totals": {"samples": sum(s["count"] for s in shards), "identities": len(identities), "shards": len(shards)},
+        "duplicates": duplicates,
     }
     stats = Stats.sum([Stats.from_dict(p["stats"]) for p in parts])
     rejects: list[str] = []

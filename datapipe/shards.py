@@ -56,6 +56,7 @@ splits can share a shard: select by identity with ``index.json``.
     identities: {identity: {name, count, shards: [name, ...], split}}
     splits:     {train | validation | test: {identities: [...], samples, shards: [name, ...]}}
     totals:     {samples, identities, shards}
+    duplicates: [{sha256, identities, splits}]   photos two scale-out parts both kept (normally empty)
 
 A split's ``shards`` are those holding at least one of its identities. The split is by
 identity (held-out people, not held-out photos): ``u = int(sha256("split:" + identity)[:16],

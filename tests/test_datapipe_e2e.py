@@ -475,3 +475,27 @@ def test_scale_out_parts_merge_to_the_single_run(run):
     assert by_key(out) == by_key(run["out"])
     pose = next((out / "cache").glob("pose-*.part-0000-of-0002.jsonl"), None)
     assert pose is None or pose.stat().st_size == 0, "the parts found every model output in the shared cache"
+
+
+def test_merge_reports_a_photo_that_two_parts_kept(run, tmp_path):
+    """Exact dedupe runs within a part; a copy of a whole person's folder under a name that lands in the other
+    part is kept there too, and the merge lists every such photo (and whether it crosses splits)."""
+    from datapipe.ingest import part_of
+
+    single = read_index(run["out"])
+    source = next(iter(single.identities))
+    clone = next(f"clone{i}" for i in range(100) if part_of(f"clone{i}", 2) != part_of(source, 2))
+    in_dir = tmp_path / "in"
+    shutil.copytree(run["in"], in_dir)
+    shutil.copytree(in_dir / source, in_dir / clone)
+    out = tmp_path / "out"
+    shutil.copytree(run["out"] / "cache", out / "cache")
+    for part in range(2):
+        build(run["config"], in_dir, out, part=part, num_parts=2)
+    index = merge(out)
+    dups = index["duplicates"]
+    assert len(dups) == single.identities[source]["count"]
+    assert all(d["identities"] == sorted([source, clone]) for d in dups)
+    assert all(d["splits"] == sorted({index["identities"][source]["split"], index["identities"][clone]["split"]})
+               for d in dups)  # fmt: skip
+    assert read_index(run["out"]).data["duplicates"] == []  # a single-part run dedupes globally
