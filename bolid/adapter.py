@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -67,6 +66,7 @@ from bolid.body import BODY_INDICES
 from bolid.body_encoder import BodyIDEncoder, gaussian_keypoint_weights, keypoints_to_box, person_boxes, weight_pixels
 from bolid.embeds import IdentityEmbeds
 from bolid.face_encoder import FaceEncoder, face_boxes
+from bolid.files import atomic_write
 from bolid.image_encoder import ClipImageEncoder, crop_boxes
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -400,15 +400,13 @@ class BodyConditionModule(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``adapter.safetensors`` (trainable weights) and ``adapter.json`` (settings) into folder ``path``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter_state_dict().items()}
         # Each file goes to a temporary name and is renamed when complete: a killed save leaves no torn file.
-        tmp = path / f".{ADAPTER_WEIGHTS}.{os.getpid()}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / ADAPTER_WEIGHTS)
+        atomic_write(path / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -421,9 +419,7 @@ class BodyConditionModule(nn.Module):
             "unet": self.signature,
             "base_kv": self.base_kv,
         }
-        tmp = path / f".{ADAPTER_CONFIG}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.replace(tmp, path / ADAPTER_CONFIG)
+        atomic_write(path / ADAPTER_CONFIG, json.dumps(meta, indent=1))
         return path
 
     @staticmethod

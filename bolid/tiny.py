@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bolid.files import atomic_write
+
 TINY_SEED = 0
 _CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
@@ -45,12 +47,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def clip_tokenizer_files(num_merges: int = 2000) -> Path:
     """Write ``vocab.json`` + ``merges.txt`` of a CLIP tokenizer truncated to the first ``num_merges`` merges.
 
@@ -69,8 +65,8 @@ def clip_tokenizer_files(num_merges: int = 2000) -> Path:
     byte_chars = list(_bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + list(_CLIP_SPECIAL)
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    _atomic_write(out / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    _atomic_write(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write(out / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    atomic_write(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     return out
 
 
@@ -108,9 +104,7 @@ def tiny_gpt2_tokenizer():
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, file)
+        atomic_write(file, tok.to_str(), fsync=False)
     return GPT2TokenizerFast(
         tokenizer_file=str(file), bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -384,7 +378,7 @@ def _register_tiny_eva() -> None:
     }
     d = _cache_dir() / "open_clip"
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / f"{TINY_EVA_CLIP}.json", json.dumps(cfg))
+    atomic_write(d / f"{TINY_EVA_CLIP}.json", json.dumps(cfg))
     open_clip.add_model_config(d / f"{TINY_EVA_CLIP}.json")
 
 

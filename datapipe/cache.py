@@ -28,19 +28,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bolid.files import atomic_write
+
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: Path, data: bytes | str, fsync: bool = True) -> None:
-    """Write to a temporary name beside ``path`` and rename it into place (readers see all or nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _truncate_torn_tail(path: Path) -> None:

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from datapipe.cache import atomic_write
+from bolid.files import atomic_write
 from datapipe.shards import FORMAT, FORMAT_VERSION, SPLITS
 from datapipe.stats import Stats
 

@@ -16,11 +16,12 @@ few hits: use ``data.random_crop: false`` with the cache.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from bolid.files import atomic_write
 
 
 class EncodingCache:
@@ -41,9 +42,8 @@ class EncodingCache:
 
     @staticmethod
     def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        data = save({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()})
+        atomic_write(path, data, fsync=False)
 
     def _latent_path(self, key: str, time_ids: torch.Tensor, flip: bool) -> Path:
         crop = "-".join(str(int(v)) for v in time_ids.tolist())
