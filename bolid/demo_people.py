@@ -10,7 +10,6 @@ against :mod:`bolid.body`.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -116,12 +115,6 @@ def render(build: Build, seed: int, size: tuple[int, int] = (1024, 1024)) -> tup
             [kp[i, 0] - r * 0.08, kp[i, 1] - r * 0.08, kp[i, 0] + r * 0.08, kp[i, 1] + r * 0.08], fill=(20, 20, 20)
         )
     return img.filter(ImageFilter.GaussianBlur(0.8)), kp
-
-
-def jpeg(img: Image.Image, quality: int = 88) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def slug(build: Build) -> str:

@@ -49,6 +49,16 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
+def _transposed(img: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns it by 90 degrees (width and height swap when shown)."""
+    return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an open image as shown, after its EXIF orientation, from the header alone."""
+    return (img.height, img.width) if _transposed(img) else img.size
+
+
 def image_size(src: str | Path | bytes) -> tuple[int, int]:
     """``(width, height)`` from the header alone (no pixel decode), after EXIF orientation.
 
@@ -57,13 +67,11 @@ def image_size(src: str | Path | bytes) -> tuple[int, int]:
     """
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
+            return upright_size(img)
     except Image.DecompressionBombError as e:  # Pillow refuses to even open it: far too many pixels
         raise ImageError(f"{_name(src)}: too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{_name(src)}: not a readable image ({e})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -85,9 +93,7 @@ def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | N
         if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
             raise ImageError(f"{_name(src)}: {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_PIXELS} pixels")
         if draft is not None and img.format == "JPEG":
-            orientation = img.getexif().get(0x0112, 1)
-            dw, dh = (draft[1], draft[0]) if orientation in (5, 6, 7, 8) else draft
-            img.draft("RGB", (dw, dh))
+            img.draft("RGB", (draft[1], draft[0]) if _transposed(img) else draft)
         img.load()  # full decode: raises on truncated data
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)

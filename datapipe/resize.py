@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bolid.images import ImageError, load_image
+from bolid.images import ImageError, load_image, upright_size
 
 #: ``shards.resample`` names -> Pillow filters (all antialiased when downscaling).
 RESAMPLE = {
@@ -53,12 +53,6 @@ def stored_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     if width <= height:
         return resolution, max(1, round(height * scale))
     return max(1, round(width * scale)), resolution
-
-
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of an open image after its EXIF orientation, from the header alone."""
-    orientation = img.getexif().get(0x0112, 1)
-    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
 
 
 def resize_for_storage(img: Image.Image, resolution: int, resample: str = "bilinear") -> Image.Image:

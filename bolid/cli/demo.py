@@ -38,15 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _site(photos: int):
     """The demo site: each person's good photos (1024 px) plus a few traps the pipeline must reject."""
-    from bolid.demo_people import BUILDS, jpeg, render, slug
+    from bolid.demo_people import BUILDS, render, slug
     from crawler.demo_site import DemoSite
+    from datapipe.synthetic import jpeg_bytes
 
     identities = {}
     for p, build in enumerate(BUILDS):
-        images = [jpeg(render(build, seed=1000 * p + n)[0]) for n in range(photos)]
+        images = [jpeg_bytes(render(build, seed=1000 * p + n)[0], quality=88) for n in range(photos)]
         if p == 0:
-            images.append(jpeg(render(build, seed=999, size=(640, 800))[0]))  # too small: under 1000 px
-            images.append(jpeg(render(build, seed=998)[0])[:20_000])  # truncated JPEG
+            # too small (under 1000 px), then a truncated JPEG
+            images.append(jpeg_bytes(render(build, seed=999, size=(640, 800))[0], quality=88))
+            images.append(jpeg_bytes(render(build, seed=998)[0], quality=88)[:20_000])
         if p == 1:
             images.append(images[0])  # the same photo under a second URL
         identities[slug(build)] = (build.name, images)
