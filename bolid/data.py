@@ -271,7 +271,6 @@ class PairDataset(torch.utils.data.IterableDataset):
         random_flip: bool = False,
         shuffle_buffer: int = 256,
         world_size: int = 1,
-        num_workers: int = 0,
         epoch_pairs: int | None = None,
     ):
         super().__init__()
@@ -281,7 +280,6 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.seed, self.resampled, self.random_crop, self.random_flip = seed, resampled, random_crop, random_flip
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.world_size = world_size
-        self.num_workers = max(1, min(num_workers, len(self.shards))) if num_workers else 1
         pairs = epoch_pairs if epoch_pairs is not None else num_samples // max(world_size, 1)
         self.batches_per_epoch = max(1, pairs // batch_size) if num_samples else 0
         self.epoch, self.skip = 0, 0
@@ -315,7 +313,7 @@ class PairDataset(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _shard_stream(self, rank: int, worker: int, rng: random.Random) -> Iterator[dict]:
+    def _shard_stream(self, rank: int, worker: int, workers: int, rng: random.Random) -> Iterator[dict]:
         nodes = max(self.world_size, 1)
         if self.resampled:  # endless, with replacement: every (rank, worker) draws its own sequence
             while True:
@@ -324,7 +322,7 @@ class PairDataset(torch.utils.data.IterableDataset):
         if self.train:  # the same permutation on every rank (seeded by epoch only), then split
             random.Random(self.seed * 7_919 + self.epoch).shuffle(order)
         mine = order[rank % nodes :: nodes] if len(order) >= nodes else order
-        for url in mine[worker :: self.num_workers]:
+        for url in mine[worker::workers]:
             yield {"url": url}
 
     def _corrupt(self, exn: Exception) -> bool:
@@ -341,7 +339,6 @@ class PairDataset(torch.utils.data.IterableDataset):
             if torch.distributed.is_available() and torch.distributed.is_initialized()
             else 0
         )
-        self.num_workers = workers
         rng = random.Random(hash((self.seed, self.epoch, rank, worker)) & 0xFFFFFFFF)
         quota = self.batches_per_epoch // workers + (1 if worker < self.batches_per_epoch % workers else 0)
         # Batches are dealt to workers round-robin; a mid-epoch resume skips this worker's share of `skip`.
@@ -352,7 +349,7 @@ class PairDataset(torch.utils.data.IterableDataset):
         def samples() -> Iterator[dict]:
             # One shard at a time, each read numbered: with resampling the same shard can be read twice in a row,
             # and pairing must see two separate groups then (a photo is never its own reference).
-            for read, shard in enumerate(self._shard_stream(rank, worker, rng)):
+            for read, shard in enumerate(self._shard_stream(rank, worker, workers, rng)):
                 for raw in wds.tarfile_samples([shard], handler=self._corrupt):
                     try:
                         if "jpg" not in raw or "json" not in raw:

@@ -49,6 +49,10 @@ class IdentityEmbeds:
         face = (self.face * vis).sum(0, keepdim=True) / n.clamp(min=1)
         return IdentityEmbeds(face, self.body.mean(0, keepdim=True), (n > 0).reshape(1))
 
+    def negative(self) -> IdentityEmbeds:
+        """The classifier-free-guidance negative: zero vectors, the same face masks (as :meth:`image_embeds` uses)."""
+        return IdentityEmbeds(torch.zeros_like(self.face), torch.zeros_like(self.body), self.face_visible)
+
     def repeat(self, n: int) -> IdentityEmbeds:
         """Repeat every row ``n`` times (batch ``B * n``, rows of one reference adjacent)."""
         return IdentityEmbeds(

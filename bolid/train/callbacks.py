@@ -9,8 +9,6 @@ import lightning as L
 import torch
 from PIL import Image
 
-from bolid.adapter import IdentityEmbeds
-
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +62,7 @@ class SampleGrid(L.Callback):
             embeds = module.adapter.encode(
                 ref, batch["ref_keypoints"].to(module.device), boxes=batch["ref_box"].to(module.device)
             )
-            zero = IdentityEmbeds(torch.zeros_like(embeds.face), torch.zeros_like(embeds.body), embeds.face_visible)
+            zero = embeds.negative()
             steps = module.hparams.sample_steps
             gen = lambda e: module.lightning_branch(  # noqa: E731 - same seed for both rows
                 e, list(batch["caption"]), torch.Generator(module.device).manual_seed(0), res, steps

@@ -87,7 +87,6 @@ class PairDataModule(L.LightningDataModule):
                 random_flip=self.random_flip and train,
                 world_size=world,
                 batch_size=self.batch_size,
-                num_workers=self.num_workers,
                 epoch_pairs=self.epoch_pairs if train else self.val_pairs,
                 **self.kw,
             )

@@ -302,10 +302,8 @@ class BoLIDTrainingModule(L.LightningModule):
         vae_dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
 
-    def _identity(self, batch: dict, keep_face: torch.Tensor | None = None) -> IdentityEmbeds:
-        return self.adapter.encode(
-            batch["ref_pixels"], batch["ref_keypoints"], face_visible=keep_face, boxes=batch["ref_box"]
-        )
+    def _identity(self, batch: dict) -> IdentityEmbeds:
+        return self.adapter.encode(batch["ref_pixels"], batch["ref_keypoints"], boxes=batch["ref_box"])
 
     def _unet(self, unet, latents, t, text, pooled, time_ids, embeds: IdentityEmbeds) -> torch.Tensor:
         dtype = next(unet.parameters()).dtype
@@ -372,7 +370,7 @@ class BoLIDTrainingModule(L.LightningModule):
         text, pooled = self.encode_text(captions)
         time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
         time_ids = time_ids[None].repeat(b, 1).float()
-        zero = IdentityEmbeds(torch.zeros_like(embeds.face), torch.zeros_like(embeds.body), embeds.face_visible)
+        zero = embeds.negative()
         for i, t in enumerate(scheduler.timesteps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= steps - grad_steps):
                 x = scheduler.scale_model_input(latents, t)
