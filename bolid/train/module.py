@@ -316,10 +316,19 @@ class BoLIDTrainingModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- losses
 
-    def diffusion_loss(self, batch: dict, generator: torch.Generator, dropout: bool = True) -> torch.Tensor:
+    def diffusion_loss(
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        dropout: bool = True,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        identity: IdentityEmbeds | None = None,
+    ) -> torch.Tensor:
+        """Diffusion loss on the target; ``text`` (prompt and pooled embeddings of the captions) and ``identity``
+        (the references' vectors) are computed here unless the caller already has them."""
         hp, b = self.hparams, batch["pixels"].shape[0]
         latents = self.target_latents(batch, generator).float()
-        text, pooled = self.encode_text(batch["caption"])
+        text, pooled = text if text is not None else self.encode_text(batch["caption"])
         u = torch.rand(b, 4, generator=generator, device=self.device)
         drop_all = u[:, 0] < hp.drop_all if dropout else torch.zeros(b, dtype=torch.bool, device=self.device)
         drop_text = (u[:, 1] < hp.drop_text) | drop_all if dropout else drop_all
@@ -329,7 +338,7 @@ class BoLIDTrainingModule(L.LightningModule):
         pooled = pooled * (~drop_text).to(pooled.dtype)[:, None]
         # Dropped face / body = the zero vector with the term on: exactly the negative that CFG uses at inference
         # (IP-Adapter practice). A face that is not visible is masked out instead, in training and inference alike.
-        embeds = self._identity(batch)
+        embeds = identity if identity is not None else self._identity(batch)
         embeds = IdentityEmbeds(
             embeds.face * keep_face.to(embeds.face.dtype)[:, None],
             embeds.body * (~drop_body).to(embeds.body.dtype)[:, None],
@@ -353,10 +362,12 @@ class BoLIDTrainingModule(L.LightningModule):
         grad_steps: int = 0,
         unet=None,
         guidance: float = 1.0,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Generate images ``(B, 3, R, R)`` in ``[-1, 1]`` from pure noise with trailing Euler.
 
-        Gradients flow only through the last ``grad_steps`` steps and the VAE decode (0 = none).
+        Gradients flow only through the last ``grad_steps`` steps and the VAE decode (0 = none). ``text``: the
+        captions' embeddings when the caller already has them.
         """
         from diffusers import EulerDiscreteScheduler
 
@@ -367,7 +378,7 @@ class BoLIDTrainingModule(L.LightningModule):
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (b, unet.config.in_channels, resolution // factor, resolution // factor)
         latents = torch.randn(shape, generator=generator, device=self.device) * scheduler.init_noise_sigma
-        text, pooled = self.encode_text(captions)
+        text, pooled = text if text is not None else self.encode_text(captions)
         time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
         time_ids = time_ids[None].repeat(b, 1).float()
         zero = embeds.negative()
@@ -397,11 +408,18 @@ class BoLIDTrainingModule(L.LightningModule):
         with torch.set_grad_enabled(torch.is_grad_enabled() and grad_steps > 0):
             return self.decode(latents)
 
-    def id_losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def id_losses(
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        identity: IdentityEmbeds | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Body-ID and CLIP losses on the Lightning branch's images; ``text`` / ``identity`` as in diffusion_loss."""
         hp = self.hparams
-        embeds = self._identity(batch)
+        embeds = identity if identity is not None else self._identity(batch)
         images = self.lightning_branch(
-            embeds, batch["caption"], generator, hp.branch_resolution, hp.lightning_steps, hp.grad_steps
+            embeds, batch["caption"], generator, hp.branch_resolution, hp.lightning_steps, hp.grad_steps, text=text
         )
         kp = self.pose(images)
         l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
@@ -415,11 +433,14 @@ class BoLIDTrainingModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         generator = self._generator(batch_idx=batch_idx)
-        parts = {"loss_diff": self.diffusion_loss(batch, generator)}
+        # The captions and references are encoded once and shared by both branches.
+        text, identity = self.encode_text(batch["caption"]), self._identity(batch)
+        parts = {"loss_diff": self.diffusion_loss(batch, generator, text=text, identity=identity)}
         loss = hp.w_diff * parts["loss_diff"]
         step = self.global_step
         if hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0:
-            parts.update(self.id_losses(batch, self._generator(salt=1, batch_idx=batch_idx)))
+            id_generator = self._generator(salt=1, batch_idx=batch_idx)
+            parts.update(self.id_losses(batch, id_generator, text=text, identity=identity))
             loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
