@@ -6,6 +6,8 @@ one request at a time per domain, a delay between requests plus AutoThrottle, an
 429/5xx with exponential backoff.
 """
 
+from bolid import images as _images  # lowercase: not a Scrapy setting
+
 BOT_NAME = "bolid-crawler"
 SPIDER_MODULES = ["crawler.spiders"]
 NEWSPIDER_MODULE = "crawler.spiders"
@@ -54,7 +56,7 @@ CRAWL_OUT = "data/crawl"  # output folder, layout in crawler/store.py
 CRAWL_MIN_WIDTH = 1000
 CRAWL_MIN_HEIGHT = 1000
 CRAWL_MIN_PHOTOS = 100  # target per person, reported in persons.jsonl
-CRAWL_MAX_IMAGE_PIXELS = 50_000_000  # refuse larger images from the header alone (decompression bombs)
+CRAWL_MAX_IMAGE_PIXELS = _images.MAX_IMAGE_PIXELS  # refuse more pixels from the header alone (as the datapipe)
 CRAWL_MAX_PAGE_SIZE = 4 * 1024 * 1024  # byte cap for HTML pages
 CRAWL_LAYOUT_ABORT_AFTER = 20  # stop if this many pages in a row, from the start, match no selector
 CRAWL_FSYNC = True  # fsync images and journal lines (power-cut safety; kills are safe either way)

@@ -133,11 +133,11 @@ def build(
                 (sh.resolution, sh.quality, sh.resample),
                 pool.map_ordered,
                 progress,
+                max_pixels=config.ingest.max_pixels,
             )
             journal.close()
-            items, ingest_rejects = decide(
-                sources, records, config.ingest.min_size, config.ingest.near_duplicate_distance
-            )
+            ing = config.ingest
+            items, ingest_rejects = decide(sources, records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
             _count(stats, "ingest", len(items), ingest_rejects)
             rejects += ingest_rejects
             _summary(stats, "ingest")

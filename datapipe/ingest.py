@@ -8,7 +8,9 @@ Two input layouts are read (:func:`discover`):
   users can bring their own photos; the folder name is the identity.
 
 Each image goes through :func:`probe` in a worker process: the size check reads only the
-header (EXIF orientation applied); then the bytes are hashed (SHA-256), decoded with the
+header (EXIF orientation applied) and refuses more than ``ingest.max_pixels`` pixels from it (``too_large``;
+Pillow's own limit is set to the same cap, so its ``DecompressionBombError`` is ``too_large`` too, never a
+decode); then the bytes are hashed (SHA-256), decoded with the
 JPEG draft to the stored size (a truncated or corrupt file fails here), hashed perceptually
 and encoded as the stored JPEG (:mod:`datapipe.resize`). Probes are journalled by source
 path, size and mtime, so a re-run probes only new or changed files. :func:`decide` then
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bolid.images import MAX_IMAGE_PIXELS, ImageError, image_size
+from bolid.images import MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, image_size, limit_pillow
 from datapipe.cache import Journal, StoredImages
 from datapipe.phash import from_hex, hamming, phash, to_hex
 from datapipe.resize import encode_jpeg, resize_for_storage
@@ -172,6 +174,7 @@ class ProbeTask:
     size: int
     mtime_ns: int
     min_size: int
+    max_pixels: int
     stored_dir: str
     resolution: int
     quality: int
@@ -186,13 +189,14 @@ def probe(task: ProbeTask) -> dict:
     header already showed it too small), ``sha256``, ``phash`` (16 hex) and ``stored_width``/``stored_height``.
     """
     rec: dict = {"path": task.rel, "size": task.size, "mtime_ns": task.mtime_ns}
+    limit_pillow(task.max_pixels)  # Pillow itself refuses what the header check would let through
     try:
-        w, h = image_size(task.path)
+        w, h = image_size(task.path, max_pixels=task.max_pixels)
+    except ImageTooLarge as e:
+        return {**rec, "error": "too_large", "detail": str(e)[:300], "max_pixels": task.max_pixels}
     except ImageError as e:
         return {**rec, "error": "unreadable", "detail": str(e)[:300]}
     rec.update(width=w, height=h, decoded=False)
-    if w * h > MAX_IMAGE_PIXELS:
-        return {**rec, "error": "too_large", "detail": f"{w}x{h} pixels"}
     if min(w, h) < task.min_size:
         return rec
     try:
@@ -204,6 +208,8 @@ def probe(task: ProbeTask) -> dict:
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = resize_for_storage(img, task.resolution, task.resample)
+    except Image.DecompressionBombError as e:  # cannot happen after the header check; kept as a second guard
+        return {**rec, "error": "too_large", "detail": str(e)[:300]}
     except (ImageError, OSError, ValueError, SyntaxError) as e:
         return {**rec, "error": "corrupt", "detail": str(e)[:300]}
     stored = StoredImages(Path(task.stored_dir))
@@ -213,9 +219,11 @@ def probe(task: ProbeTask) -> dict:
     return rec
 
 
-def _reusable(rec: dict | None, size: int, mtime_ns: int, min_size: int, stored: StoredImages) -> bool:
+def _reusable(rec: dict | None, size: int, mtime_ns: int, min_size: int, max_pixels: int, stored: StoredImages) -> bool:
     if rec is None or rec.get("size") != size or rec.get("mtime_ns") != mtime_ns:
         return False
+    if rec.get("error") == "too_large":
+        return rec.get("max_pixels") == max_pixels  # judged under another cap: probe again
     if "error" in rec:
         return True
     if rec.get("decoded"):
@@ -231,6 +239,7 @@ def run_probes(
     settings: tuple[int, int, str],
     map_ordered: Callable,
     progress: Callable,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, dict]:
     """Probe every source not already in the journal; returns ``rel -> record`` (missing files absent)."""
     known = journal.load()
@@ -242,12 +251,19 @@ def run_probes(
         except OSError:
             continue
         rec = known.get(src.rel)
-        if _reusable(rec, st.st_size, st.st_mtime_ns, min_size, stored):
+        if _reusable(rec, st.st_size, st.st_mtime_ns, min_size, max_pixels, stored):
             records[src.rel] = rec
         else:
             todo.append(
                 ProbeTask(
-                    str(src.path), src.rel, st.st_size, st.st_mtime_ns, min_size, str(stored.directory), *settings
+                    str(src.path),
+                    src.rel,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    min_size,
+                    max_pixels,
+                    str(stored.directory),
+                    *settings,
                 )
             )
     if len(records):
@@ -266,7 +282,11 @@ def run_probes(
 
 
 def decide(
-    sources: list[Source], records: dict[str, dict], min_size: int, near_duplicate_distance: int
+    sources: list[Source],
+    records: dict[str, dict],
+    min_size: int,
+    near_duplicate_distance: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Item], list[dict]]:
     """Apply the ingest rules (see the module docstring) to probed sources.
 
@@ -289,6 +309,8 @@ def decide(
             reject(src, "missing", "file not found")
         elif "error" in rec:
             reject(src, rec["error"], rec.get("detail", ""))
+        elif rec["width"] * rec["height"] > max_pixels:  # probed under a larger cap
+            reject(src, "too_large", f"{rec['width']}x{rec['height']} exceeds {max_pixels} pixels")
         elif min(rec["width"], rec["height"]) < min_size:
             reject(src, "too_small", f"{rec['width']}x{rec['height']} < {min_size}")
         elif rec["sha256"] in first_of:
