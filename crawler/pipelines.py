@@ -28,7 +28,6 @@ from scrapy.exceptions import DropItem
 from scrapy.utils.asyncio import is_asyncio_available
 from twisted.internet.defer import Deferred
 
-from bolid.images import limit_pillow
 from crawler import settings as defaults
 from crawler.items import PhotoItem
 from crawler.store import Store, image_relpath
@@ -107,7 +106,7 @@ class ImageCheckPipeline(_StorePipeline):
         self.min_width = min_width
         self.min_height = min_height
         self.max_pixels = max_pixels
-        limit_pillow(max_pixels)  # Pillow refuses to open past the same cap, whoever decodes
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow itself refuses to open past 2x the cap, whoever decodes
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:

@@ -9,8 +9,8 @@ Stages, in the order they run (each one counts what it rejects and why, :mod:`da
    It runs before captioning, which never rejects, so that BLIP-2 (the slowest model) does not
    caption people who would be dropped; the shards are the same either way.
 4. ``caption``: BLIP-2 captions, batched.
-5. ``shards`` (:mod:`datapipe.shards`): identity-grouped WebDataset shards, each written to a
-   temporary name and renamed; then this part's index (:mod:`datapipe.index`).
+5. ``shards`` (:mod:`datapipe.writer`; format: :mod:`bolid.shards`): identity-grouped WebDataset shards, each
+   written to a temporary name and renamed; then this part's index (:mod:`datapipe.index`).
 
 Every result is cached as soon as it exists (:mod:`datapipe.cache`) and every decision is a
 pure function of the inputs, the settings and the cached results, taken in (identity, sha256)
@@ -29,14 +29,15 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
 from datapipe.annotate import Captioner, PoseModel, annotate, judge_persons
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
 from datapipe.index import merge, part_tag, write_part
 from datapipe.ingest import Item, decide, discover, part_of, run_probes
-from datapipe.shards import ShardSample, plan_shards, sample_key, shard_name, shard_pattern, write_shard
 from datapipe.stats import Stats
 from datapipe.workers import StoredTask, WorkerPool, stored_bytes
+from datapipe.writer import plan_shards, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from bolid.images import MAX_IMAGE_PIXELS, ImageTooLarge, image_size
-from crawler.config import CrawlConfig
-from crawler.demo_site import claimed_size_jpeg
+from crawler.config import DEFAULT_CONFIG, CrawlConfig
 from datapipe.config import IngestConfig
-from datapipe.synthetic import jpeg_bytes, synthetic_photo
+from demo.site import claimed_size_jpeg
+from demo.synthetic import jpeg_bytes, synthetic_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -74,6 +74,7 @@ def baseline(tmp_path_factory) -> dict:
 def test_one_pixel_cap_for_crawler_and_datapipe():
     assert MAX_IMAGE_PIXELS == 50_000_000
     assert CrawlConfig().max_image_pixels == IngestConfig().max_pixels == MAX_IMAGE_PIXELS
+    assert CrawlConfig.from_yaml(DEFAULT_CONFIG).max_image_pixels == MAX_IMAGE_PIXELS
 
 
 def test_bomb_header_is_too_large_without_decoding(tmp_path, baseline):
