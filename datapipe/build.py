@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import json
 import logging
 import os
 from collections import Counter, defaultdict
@@ -33,11 +33,13 @@ from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
 from datapipe.annotate import Captioner, PoseModel, annotate, judge_persons
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
-from datapipe.index import merge, part_tag, write_part
+from datapipe.index import merge, part_path, part_tag, write_part
 from datapipe.ingest import Item, decide, discover, part_of, run_probes
+from datapipe.removals import Removals
 from datapipe.stats import Stats
+from datapipe.table import sample_rows, write_rows
 from datapipe.workers import StoredTask, WorkerPool, stored_bytes
-from datapipe.writer import plan_shards, write_shard
+from datapipe.writer import file_sha256, plan_stable, shard_digest, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +101,13 @@ def build(
     tag = part_tag(part, num_parts)
     cache_dir = out / "cache"
     with PartLock(out / "parts" / f"{tag}.lock"), _model_threads(config):
-        sources, layout = discover(in_dir)
-        if not sources:
+        everyone, layout = discover(in_dir)
+        if not everyone:
             raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
-        sources = [s for s in sources if part_of(s.identity, num_parts) == part]
+        sources = [s for s in everyone if part_of(s.identity, num_parts) == part]
+        # Ingest decides over every identity, so duplicates across identities are found whatever the partition:
+        # this part probes its own images first, then the others' (reusing what other parts already probed).
+        others = [s for s in everyone if part_of(s.identity, num_parts) != part]
         log.info(
             "%s: %d images of %d identities (%s layout), part %d of %d",
             in_dir,
@@ -127,7 +132,7 @@ def build(
             # 1. ingest
             journal = Journal(cache_dir, f"ingest-{sh.tag}", tag, key="path")
             records = run_probes(
-                sources,
+                sources + others,
                 config.ingest.min_size,
                 stored,
                 journal,
@@ -138,7 +143,9 @@ def build(
             )
             journal.close()
             ing = config.ingest
-            items, ingest_rejects = decide(sources, records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
+            items, ingest_rejects = decide(everyone, records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
+            items = [it for it in items if part_of(it.identity, num_parts) == part]
+            ingest_rejects = [r for r in ingest_rejects if part_of(r["identity"], num_parts) == part]
             _count(stats, "ingest", len(items), ingest_rejects)
             rejects += ingest_rejects
             _summary(stats, "ingest")
@@ -186,10 +193,18 @@ def build(
             captioner.close()
             stats["caption"].passed(len(kept))
 
-            # 5. shards
+            # 5. shards (less what `datapipe remove` took out)
+            removals = Removals.load(out)
             samples = [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept]
+            shard_rejects = [
+                _reject("shards", "removed", it, removals.why(it.identity, it.sha256))
+                for it, _ in samples
+                if removals.covers(it.identity, it.sha256)
+            ]
+            samples = [(it, s) for it, s in samples if not removals.covers(it.identity, it.sha256)]
             shards = _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress)
-            stats["shards"].passed(len(samples))
+            _count(stats, "shards", len(samples), shard_rejects)
+            rejects += shard_rejects
             stats.shards = len(shards)
 
         identities: dict[str, dict] = {}
@@ -198,8 +213,9 @@ def build(
                 info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
                 info["count"] += n
                 info["shards"].append(shard["name"])
-        for it, _ in kept:
+        for it, _ in samples:
             identities[it.identity]["name"] = it.source.name
+        stats.identities["kept"] = len(identities)  # in the shards (less any removed on request)
         rejects.sort(key=lambda r: (r["identity"], r["path"], r["stage"]))
         content = {
             "part": part,
@@ -209,10 +225,14 @@ def build(
             "shards": shards,
             "identities": identities,
             # Content hashes per identity, so that the merge can find a photo kept by two parts.
-            "hashes": {i: sorted(it.sha256 for it, _ in kept if it.identity == i) for i in sorted(identities)},
+            "hashes": {i: sorted(it.sha256 for it, _ in samples if it.identity == i) for i in sorted(identities)},
             "stats": stats.to_dict(),
         }
         write_part(out, part, num_parts, content, rejects)
+        write_rows(
+            part_path(out, part, num_parts).with_suffix(".samples.jsonl"),
+            sample_rows(sources, records, rejects, samples, shards),
+        )
         log.info(
             "part %d of %d: %d samples of %d identities in %d shards",
             part,
@@ -280,6 +300,17 @@ def _sample(item: Item, verdict, caption: str) -> ShardSample:
     )
 
 
+def _previous_shards(out: Path, part: int, num_parts: int, config: BuildConfig) -> list[dict]:
+    """The shards of the last complete build of this part with the same shard settings (else [])."""
+    path = part_path(out, part, num_parts)
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("settings", {}).get("shards") != dataclasses.asdict(config.shards):
+        return []
+    return [s for s in previous["shards"] if "number" in s]
+
+
 def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress) -> list[dict]:
     """Write this part's shards; unchanged ones (same samples and settings as recorded) are kept as they are."""
     sh = config.shards
@@ -287,7 +318,9 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     for it, sample in samples:
         by_identity[it.identity].append((it, sample))
     order = sorted(by_identity)
-    plan = plan_shards([(i, len(by_identity[i])) for i in order], sh.samples_per_shard)
+    plan = plan_stable(
+        _previous_shards(out, part, num_parts, config), [(i, len(by_identity[i])) for i in order], sh.samples_per_shard
+    )
     pattern = shard_pattern(part, num_parts)
     for stale in out.glob(".shard-*.tmp"):
         if pattern.fullmatch(stale.name[1:].rsplit(".", 2)[0]):
@@ -295,32 +328,41 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     journal = Journal(cache_dir, "shards", part_tag(part, num_parts), key="name")
     done = journal.load()
     planned = []
-    for i, slices in enumerate(plan):
+    for i, slices in plan:
         members = [m for identity, a, b in slices for m in by_identity[identity][a:b]]
         metas = [(sample_key(it.identity, it.sha256), s.to_json()) for it, s in members]
-        digest = hashlib.sha256(sh.tag.encode())
-        for key, meta in metas:
-            digest.update(key.encode() + b"\0" + meta + b"\0")
+        digest = shard_digest(sh.tag, metas)
         name = shard_name(i, part, num_parts)
         rec, path = done.get(name), out / name
-        fresh = rec is not None and rec["digest"] == digest.hexdigest() and path.is_file()
+        fresh = rec is not None and rec["digest"] == digest and path.is_file()
         fresh = fresh and path.stat().st_size == rec["bytes"]
-        planned.append((name, slices, members, metas, digest.hexdigest(), fresh))
-    todo = [task(it) for name, _, members, _, _, fresh in planned if not fresh for it, _ in members]
+        planned.append((i, name, slices, members, metas, digest, fresh))
+    todo = [task(it) for _, name, _, members, _, _, fresh in planned if not fresh for it, _ in members]
     jpgs = pool.map_ordered(stored_bytes, todo)
     shards = []
     with progress(total=len(samples), desc="shards") as bar:
-        for name, slices, members, metas, digest, fresh in planned:
+        for number, name, slices, members, metas, digest, fresh in planned:
             path = out / name
             if fresh:
                 size = path.stat().st_size
+                sha = done[name].get("sha256") or file_sha256(path)
             else:
                 size = write_shard(path, ((key, next(jpgs), meta) for key, meta in metas))
-                journal.append([{"name": name, "digest": digest, "bytes": size}], fsync=True)
+                sha = file_sha256(path)
+                journal.append([{"name": name, "digest": digest, "bytes": size, "sha256": sha}], fsync=True)
             counts: dict[str, int] = {}
             for identity, a, b in slices:
                 counts[identity] = counts.get(identity, 0) + b - a
-            shards.append({"name": name, "count": len(members), "bytes": size, "identities": counts})
+            shards.append(
+                {
+                    "name": name,
+                    "number": number,
+                    "count": len(members),
+                    "bytes": size,
+                    "sha256": sha,
+                    "identities": counts,
+                }
+            )
             bar.update(len(members))
     journal.close()
     names = {s["name"] for s in shards}

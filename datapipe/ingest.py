@@ -15,9 +15,13 @@ JPEG draft to the stored size (a truncated or corrupt file fails here), hashed p
 and encoded as the stored JPEG (:mod:`datapipe.resize`). Probes are journalled by source
 path, size and mtime, so a re-run probes only new or changed files. :func:`decide` then
 rejects, in this order and deterministically: missing, unreadable, too large, too small,
-corrupt; exact duplicates (same SHA-256; the first in (identity, path) order is kept);
-near-duplicates within an identity (pHash distance at most the threshold; the image with
-more pixels is kept, ties broken by hash).
+corrupt; the same bytes under two or more identities (``multi_identity``: a group shot or a
+wrong label, every copy dropped); exact duplicates within an identity (the first in path order
+is kept); near-duplicates within an identity (pHash distance at most the threshold; the image
+with more pixels is kept, ties broken by hash); then photos of different identities within that
+pHash distance (``multi_identity`` again, both dropped, so a grey copy of a validation photo
+cannot reach test). These rules are symmetric across identities, so their result does not
+depend on the order of the input.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from bolid.images import MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, image_size, limit_pillow
@@ -301,8 +306,7 @@ def decide(
             {"stage": "ingest", "reason": reason, "identity": src.identity, "path": src.rel, "detail": detail}
         )
 
-    first_of: dict[str, Source] = {}
-    candidates: dict[str, list[Item]] = defaultdict(list)
+    valid: list[tuple[Source, dict]] = []
     for src in sources:
         rec = records.get(src.rel)
         if rec is None:
@@ -313,14 +317,25 @@ def decide(
             reject(src, "too_large", f"{rec['width']}x{rec['height']} exceeds {max_pixels} pixels")
         elif min(rec["width"], rec["height"]) < min_size:
             reject(src, "too_small", f"{rec['width']}x{rec['height']} < {min_size}")
-        elif rec["sha256"] in first_of:
-            reject(src, "duplicate", f"same bytes as {first_of[rec['sha256']].rel}")
         else:
-            first_of[rec["sha256"]] = src
+            valid.append((src, rec))
+    owners: dict[str, set[str]] = defaultdict(set)
+    for src, rec in valid:
+        owners[rec["sha256"]].add(src.identity)
+    first_of: dict[str, Source] = {}
+    candidates: dict[str, list[Item]] = defaultdict(list)
+    for src, rec in valid:
+        sha = rec["sha256"]
+        if len(owners[sha]) > 1:
+            reject(src, "multi_identity", f"same bytes under {', '.join(sorted(owners[sha]))}")
+        elif sha in first_of:
+            reject(src, "duplicate", f"same bytes as {first_of[sha].rel}")
+        else:
+            first_of[sha] = src
             candidates[src.identity].append(
                 Item(
                     src,
-                    rec["sha256"],
+                    sha,
                     rec["width"],
                     rec["height"],
                     rec["stored_width"],
@@ -342,4 +357,30 @@ def decide(
             else:
                 kept.append(item)
         accepted.extend(sorted(kept, key=lambda it: it.sha256))
+    shared = near_copies_across_identities(accepted, near_duplicate_distance)
+    for item in accepted:
+        if item.sha256 in shared:
+            reject(item.source, "multi_identity", f"pHash within {near_duplicate_distance} of {shared[item.sha256]}")
+    accepted = [item for item in accepted if item.sha256 not in shared]
     return accepted, rejects
+
+
+def near_copies_across_identities(items: list[Item], distance: int) -> dict[str, str]:
+    """``sha256 -> a photo of another identity`` for every item whose pHash is within ``distance`` of one.
+
+    The rule is symmetric (both photos are dropped, never one of them chosen), so its result depends only on the
+    set of items, not on their order or on how they were split into parts. Vectorised: one XOR and popcount of
+    each item against all later ones.
+    """
+    if distance < 0 or len(items) < 2:
+        return {}
+    hashes = np.array([it.phash for it in items], dtype=np.uint64)
+    owner = np.array([it.identity for it in items])
+    found: dict[str, str] = {}
+    for i in range(len(items) - 1):
+        near = np.bitwise_count(hashes[i + 1 :] ^ hashes[i]) <= distance
+        near &= owner[i + 1 :] != owner[i]
+        for j in np.flatnonzero(near) + i + 1:
+            found.setdefault(items[i].sha256, items[j].source.rel)
+            found.setdefault(items[j].sha256, items[i].source.rel)
+    return found
