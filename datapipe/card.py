@@ -17,6 +17,8 @@ from bolid.shards import SPLITS
 
 def render(index: dict, stats: dict, rows: list[dict], layout: str) -> str:
     """The card's Markdown text."""
+    gone = Counter(r["identity"] for r in rows if r.get("reason") == "removed")
+    removed = f"{sum(gone.values())} photos of {len(gone)} identities" if gone else "nothing"
     hosts = Counter(urlsplit(r["url"]).hostname for r in rows if r.get("url"))
     dates = sorted(r["file_date"] for r in rows if r.get("file_date"))
     samples = index["totals"]["samples"]
@@ -98,10 +100,14 @@ commercial use needs the rights holders' permission. The code that built them is
 ## Removal
 
 To have a person or a photo removed, contact the dataset's maintainer with the identity name or the photo's
-SHA-256 (both in `samples.parquet`). The maintainer deletes it from the input (the crawl's
-`images/<identity>/` and its `manifest.jsonl` lines, or the `<identity>/` folder), re-runs the same
-`python -m datapipe build` command (only the shards whose content changes are rewritten, and the model
-cache makes that cheap), checks `python -m datapipe verify`, and replaces every published copy.
+SHA-256 (both in `samples.parquet`). The maintainer runs
+
+    python -m datapipe remove OUT --identity NAME --sha256 HASH
+
+which records the request in `removed.json` (every later build leaves those samples out), rewrites only the
+shards that held them, updates `index.json` (sizes, checksums), `stats.json`, `samples.parquet` and this
+card, then checks `python -m datapipe verify OUT` and replaces the changed shards in every published copy
+(their names are listed in the command's output). Removed so far: {removed}.
 """
 
 
