@@ -369,18 +369,31 @@ def near_copies_across_identities(items: list[Item], distance: int) -> dict[str,
     """``sha256 -> a photo of another identity`` for every item whose pHash is within ``distance`` of one.
 
     The rule is symmetric (both photos are dropped, never one of them chosen), so its result depends only on the
-    set of items, not on their order or on how they were split into parts. Vectorised: one XOR and popcount of
-    each item against all later ones.
+    set of items, not on their order or on how they were split into parts. Candidate pairs come from
+    multi-index hashing: for ``distance < 8``, two 64-bit hashes that close agree on at least one of their 8 bytes
+    (pigeonhole), so only items sharing a byte value at some position are compared (about n^2 / 32 pairs
+    instead of n^2 / 2); larger distances compare every pair.
     """
     if distance < 0 or len(items) < 2:
         return {}
     hashes = np.array([it.phash for it in items], dtype=np.uint64)
-    owner = np.array([it.identity for it in items])
+    _, owner = np.unique(np.array([it.identity for it in items]), return_inverse=True)
+    groups: list[np.ndarray] = [np.arange(len(items))]
+    if distance < 8:
+        groups = []
+        for block in range(8):
+            values = (hashes >> np.uint64(8 * block)) & np.uint64(0xFF)
+            order = np.argsort(values, kind="stable")
+            cuts = np.flatnonzero(np.diff(values[order])) + 1
+            groups += [g for g in np.split(order, cuts) if len(g) > 1]
     found: dict[str, str] = {}
-    for i in range(len(items) - 1):
-        near = np.bitwise_count(hashes[i + 1 :] ^ hashes[i]) <= distance
-        near &= owner[i + 1 :] != owner[i]
-        for j in np.flatnonzero(near) + i + 1:
-            found.setdefault(items[i].sha256, items[j].source.rel)
-            found.setdefault(items[j].sha256, items[i].source.rel)
-    return found
+    for group in groups:
+        step = max(1, min(512, (1 << 22) // len(group)))  # (rows, group) blocks of <= 4M distances (32 MB)
+        for start in range(0, len(group), step):
+            rows = group[start : start + step]
+            near = np.bitwise_count(hashes[rows, None] ^ hashes[None, group]) <= distance
+            near &= owner[rows, None] != owner[None, group]
+            for a, b in zip(*np.nonzero(near), strict=True):
+                i, j = rows[a], group[b]
+                found.setdefault(items[i].sha256, items[j].source.rel)
+    return dict(sorted(found.items()))
