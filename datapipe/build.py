@@ -10,7 +10,13 @@ Stages, in the order they run (each one counts what it rejects and why, :mod:`da
    caption people who would be dropped; the shards are the same either way.
 4. ``caption``: BLIP-2 captions, batched.
 5. ``shards`` (:mod:`datapipe.writer`; format: :mod:`bolid.shards`): identity-grouped WebDataset shards, each
-   written to a temporary name and renamed; then this part's index (:mod:`datapipe.index`).
+   written to a temporary name and renamed, less what ``datapipe remove`` took out (:mod:`datapipe.removals`);
+   identities that did not change keep their shards (:func:`datapipe.writer.plan_stable`); then this part's
+   index (:mod:`datapipe.index`) and its rows of ``samples.parquet`` (:mod:`datapipe.table`).
+
+Ingest decides over every identity of the input, not only this part's (each part probes its own images first,
+then the others', sharing the probe cache), so duplicates across identities are found whatever the partition
+and N parts give the same samples as one.
 
 Every result is cached as soon as it exists (:mod:`datapipe.cache`) and every decision is a
 pure function of the inputs, the settings and the cached results, taken in (identity, sha256)
@@ -27,14 +33,15 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
-from datapipe.annotate import Captioner, PoseModel, annotate, judge_persons
+from datapipe.annotate import Captioner, PoseModel, Verdict, annotate, judge_persons
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
 from datapipe.index import merge, part_path, part_tag, write_part
-from datapipe.ingest import Item, decide, discover, part_of, run_probes
+from datapipe.ingest import Item, Source, decide, discover, part_of, run_probes
 from datapipe.removals import Removals
 from datapipe.stats import Stats
 from datapipe.table import sample_rows, write_rows
@@ -105,8 +112,6 @@ def build(
         if not everyone:
             raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
         sources = [s for s in everyone if part_of(s.identity, num_parts) == part]
-        # Ingest decides over every identity, so duplicates across identities are found whatever the partition:
-        # this part probes its own images first, then the others' (reusing what other parts already probed).
         others = [s for s in everyone if part_of(s.identity, num_parts) != part]
         log.info(
             "%s: %d images of %d identities (%s layout), part %d of %d",
@@ -120,125 +125,28 @@ def build(
         stats = Stats()
         stats.identities["found"] = len({s.identity for s in sources})
         rejects: list[dict] = []
-        sh = config.shards
-        stored = StoredImages(cache_dir / f"stored-{sh.tag}")
-
-        def task(item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
-            return StoredTask(
-                item.sha256, str(stored.directory), str(item.source.path), sh.resolution, sh.quality, sh.resample, draft
-            )
-
+        stored = StoredImages(cache_dir / f"stored-{config.shards.tag}")
         with WorkerPool(config.num_workers) as pool:
-            # 1. ingest
-            journal = Journal(cache_dir, f"ingest-{sh.tag}", tag, key="path")
-            records = run_probes(
-                sources + others,
-                config.ingest.min_size,
-                stored,
-                journal,
-                (sh.resolution, sh.quality, sh.resample),
-                pool.map_ordered,
-                progress,
-                max_pixels=config.ingest.max_pixels,
-            )
-            journal.close()
-            ing = config.ingest
-            items, ingest_rejects = decide(everyone, records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
-            items = [it for it in items if part_of(it.identity, num_parts) == part]
-            ingest_rejects = [r for r in ingest_rejects if part_of(r["identity"], num_parts) == part]
-            _count(stats, "ingest", len(items), ingest_rejects)
-            rejects += ingest_rejects
-            _summary(stats, "ingest")
-
-            # 2. pose
-            pose_model = PoseModel(config)
-            journal = Journal(cache_dir, f"pose-{pose_model.fingerprint}", tag, key="sha256")
-            outputs = annotate(items, pose_model, config.pose.batch_size, journal, task, pool, progress, "pose")
-            journal.close()
-            pose_model.close()
-            posed: list[tuple[Item, object]] = []
-            pose_rejects = []
-            for item in items:
-                verdict = judge_persons(outputs[item.sha256]["persons"], config.pose)
-                if verdict.reason is None:
-                    posed.append((item, verdict))
-                else:
-                    pose_rejects.append(_reject("pose", verdict.reason, item, verdict.detail))
-            _count(stats, "pose", len(posed), pose_rejects)
-            rejects += pose_rejects
-            _summary(stats, "pose")
-
-            # 3. identity filter
-            per_identity = Counter(item.identity for item, _ in posed)
-            min_photos = config.identities.min_photos
-            kept = [(it, v) for it, v in posed if per_identity[it.identity] >= min_photos]
-            id_rejects = [
-                _reject("identities", "too_few_photos", it, f"{per_identity[it.identity]} < {min_photos} photos")
-                for it, v in posed
-                if per_identity[it.identity] < min_photos
-            ]
-            _count(stats, "identities", len(kept), id_rejects)
-            rejects += id_rejects
+            run = PartRun(config, cache_dir, tag, stored, pool, progress)
+            items = _record(stats, rejects, "ingest", *stage_ingest(sources, run, others))
+            posed = _record(stats, rejects, "pose", *stage_pose(items, run))
+            kept = _record(stats, rejects, "identities", *stage_identities(posed, config.identities.min_photos))
             stats.identities["kept"] = len({it.identity for it, _ in kept})
-            _summary(stats, "identities")
-
-            # 4. captions
-            captioner = Captioner(config)
-            journal = Journal(cache_dir, f"caption-{captioner.fingerprint}", tag, key="sha256")
-            kept_items = [it for it, _ in kept]
-            captions = annotate(
-                kept_items, captioner, config.caption.batch_size, journal, task, pool, progress, "caption"
-            )
-            journal.close()
-            captioner.close()
-            stats["caption"].passed(len(kept))
-
-            # 5. shards (less what `datapipe remove` took out)
-            removals = Removals.load(out)
-            samples = [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept]
-            shard_rejects = [
-                _reject("shards", "removed", it, removals.why(it.identity, it.sha256))
-                for it, _ in samples
-                if removals.covers(it.identity, it.sha256)
-            ]
-            samples = [(it, s) for it, s in samples if not removals.covers(it.identity, it.sha256)]
-            shards = _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress)
-            _count(stats, "shards", len(samples), shard_rejects)
-            rejects += shard_rejects
+            samples = _record(stats, rejects, "caption", *stage_caption(kept, run), summary=False)
+            shards, samples = stage_shards(samples, run, out, part, num_parts, stats, rejects)
             stats.shards = len(shards)
 
-        identities: dict[str, dict] = {}
-        for shard in shards:
-            for identity, n in shard["identities"].items():
-                info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
-                info["count"] += n
-                info["shards"].append(shard["name"])
-        for it, _ in samples:
-            identities[it.identity]["name"] = it.source.name
-        stats.identities["kept"] = len(identities)  # in the shards (less any removed on request)
+        content = _part_index(config, part, num_parts, layout, shards, samples, stats)
         rejects.sort(key=lambda r: (r["identity"], r["path"], r["stage"]))
-        content = {
-            "part": part,
-            "num_parts": num_parts,
-            "layout": layout,
-            "settings": _settings(config),
-            "shards": shards,
-            "identities": identities,
-            # Content hashes per identity, so that the merge can find a photo kept by two parts.
-            "hashes": {i: sorted(it.sha256 for it, _ in samples if it.identity == i) for i in sorted(identities)},
-            "stats": stats.to_dict(),
-        }
         write_part(out, part, num_parts, content, rejects)
-        write_rows(
-            part_path(out, part, num_parts).with_suffix(".samples.jsonl"),
-            sample_rows(sources, records, rejects, samples, shards),
-        )
+        rows = sample_rows(sources, run.records, rejects, samples, shards)
+        write_rows(part_path(out, part, num_parts).with_suffix(".samples.jsonl"), rows)
         log.info(
             "part %d of %d: %d samples of %d identities in %d shards",
             part,
             num_parts,
             len(samples),
-            len(identities),
+            len(content["identities"]),
             len(shards),
         )
         if not samples:
@@ -246,6 +154,165 @@ def build(
     if num_parts == 1:
         merge(out, 1)
     return content
+
+
+# ------------------------------------------------------------------------------- stages: (kept, rejects)
+
+
+@dataclasses.dataclass
+class PartRun:
+    """What the stages of one part share: settings, cache folder, part tag, stored images, workers, progress."""
+
+    config: BuildConfig
+    cache_dir: Path
+    tag: str
+    stored: StoredImages
+    pool: WorkerPool
+    progress: Callable = _progress
+    records: dict[str, dict] = dataclasses.field(default_factory=dict)  # ingest's probe record per source path
+
+    def task(self, item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
+        """The worker task that loads ``item``'s stored pixels (at ``draft`` size, for a model's input)."""
+        sh = self.config.shards
+        return StoredTask(
+            item.sha256,
+            str(self.stored.directory),
+            str(item.source.path),
+            sh.resolution,
+            sh.quality,
+            sh.resample,
+            draft,
+        )
+
+
+def stage_ingest(sources: list[Source], run: PartRun, others: list[Source] = ()) -> tuple[list[Item], list[dict]]:
+    """1. Size and decode checks, the stored (resized) copy, duplicate removal; returns this part's outcome.
+
+    ``others`` are the other parts' sources: probed too (after this part's, reusing the shared probe cache) so
+    that duplicates across identities are decided over the whole input, the same way in every part.
+    """
+    sh, ing = run.config.shards, run.config.ingest
+    journal = Journal(run.cache_dir, f"ingest-{sh.tag}", run.tag, key="path")
+    run.records = run_probes(
+        [*sources, *others],
+        ing.min_size,
+        run.stored,
+        journal,
+        (sh.resolution, sh.quality, sh.resample),
+        run.pool.map_ordered,
+        run.progress,
+        max_pixels=ing.max_pixels,
+    )
+    journal.close()
+    everyone = sorted([*sources, *others], key=lambda s: (s.identity, s.rel))
+    items, rejects = decide(everyone, run.records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
+    mine = {s.identity for s in sources}
+    return [it for it in items if it.identity in mine], [r for r in rejects if r["identity"] in mine]
+
+
+def stage_pose(items: list[Item], run: PartRun) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
+    """2. Person and 17 keypoints per image; images without one clear, visible person are rejected."""
+    config = run.config
+    pose_model = PoseModel(config)
+    journal = Journal(run.cache_dir, f"pose-{pose_model.fingerprint}", run.tag, key="sha256")
+    outputs = annotate(items, pose_model, config.pose.batch_size, journal, run.task, run.pool, run.progress, "pose")
+    journal.close()
+    pose_model.close()
+    posed: list[tuple[Item, Verdict]] = []
+    pose_rejects = []
+    for item in items:
+        verdict = judge_persons(outputs[item.sha256]["persons"], config.pose)
+        if verdict.reason is None:
+            posed.append((item, verdict))
+        else:
+            pose_rejects.append(_reject("pose", verdict.reason, item, verdict.detail))
+    return posed, pose_rejects
+
+
+def stage_identities(
+    posed: list[tuple[Item, Verdict]], min_photos: int
+) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
+    """3. People with fewer than ``min_photos`` photos left are dropped."""
+    per_identity = Counter(item.identity for item, _ in posed)
+    kept = [(it, v) for it, v in posed if per_identity[it.identity] >= min_photos]
+    id_rejects = [
+        _reject("identities", "too_few_photos", it, f"{per_identity[it.identity]} < {min_photos} photos")
+        for it, v in posed
+        if per_identity[it.identity] < min_photos
+    ]
+    return kept, id_rejects
+
+
+def stage_caption(kept: list[tuple[Item, Verdict]], run: PartRun) -> tuple[list[tuple[Item, ShardSample]], list[dict]]:
+    """4. BLIP-2 captions; never rejects. Returns each item with its complete shard sample."""
+    config = run.config
+    captioner = Captioner(config)
+    journal = Journal(run.cache_dir, f"caption-{captioner.fingerprint}", run.tag, key="sha256")
+    kept_items = [it for it, _ in kept]
+    captions = annotate(
+        kept_items, captioner, config.caption.batch_size, journal, run.task, run.pool, run.progress, "caption"
+    )
+    journal.close()
+    captioner.close()
+    return [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept], []
+
+
+def stage_shards(
+    samples: list[tuple[Item, ShardSample]],
+    run: PartRun,
+    out: Path,
+    part: int,
+    num_parts: int,
+    stats: Stats,
+    rejects: list[dict],
+) -> tuple[list[dict], list[tuple[Item, ShardSample]]]:
+    """5. This part's shards (``index.json``-style entries) and the samples in them; rejects only what
+    ``datapipe remove`` took out (``OUT/removed.json``)."""
+    removals = Removals.load(out)
+    removed = [
+        _reject("shards", "removed", it, removals.why(it.identity, it.sha256))
+        for it, _ in samples
+        if removals.covers(it.identity, it.sha256)
+    ]
+    samples = [(it, s) for it, s in samples if not removals.covers(it.identity, it.sha256)]
+    _record(stats, rejects, "shards", samples, removed, summary=False)
+    shards = _write_shards(samples, run.config, out, run.cache_dir, part, num_parts, run.pool, run.task, run.progress)
+    return shards, samples
+
+
+def _record(stats: Stats, rejects: list[dict], stage: str, kept: list, stage_rejects: list[dict], summary=True):
+    """Count a stage's outcome in ``stats``, collect its rejects, log it; returns what it kept."""
+    _count(stats, stage, len(kept), stage_rejects)
+    rejects += stage_rejects
+    if summary:
+        _summary(stats, stage)
+    return kept
+
+
+def _part_index(
+    config: BuildConfig, part: int, num_parts: int, layout: str, shards: list[dict], samples: list, stats: Stats
+) -> dict:
+    """This part's index content (:func:`datapipe.index.write_part`)."""
+    identities: dict[str, dict] = {}
+    for shard in shards:
+        for identity, n in shard["identities"].items():
+            info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
+            info["count"] += n
+            info["shards"].append(shard["name"])
+    for it, _ in samples:
+        identities[it.identity]["name"] = it.source.name
+    stats.identities["kept"] = len(identities)  # in the shards (less any removed on request)
+    return {
+        "part": part,
+        "num_parts": num_parts,
+        "layout": layout,
+        "settings": _settings(config),
+        "shards": shards,
+        "identities": identities,
+        # Content hashes per identity, so that the merge can find a photo kept by two parts.
+        "hashes": {i: sorted(it.sha256 for it, _ in samples if it.identity == i) for i in sorted(identities)},
+        "stats": stats.to_dict(),
+    }
 
 
 @contextlib.contextmanager
@@ -318,9 +385,8 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     for it, sample in samples:
         by_identity[it.identity].append((it, sample))
     order = sorted(by_identity)
-    plan = plan_stable(
-        _previous_shards(out, part, num_parts, config), [(i, len(by_identity[i])) for i in order], sh.samples_per_shard
-    )
+    counts = [(i, len(by_identity[i])) for i in order]
+    plan = plan_stable(_previous_shards(out, part, num_parts, config), counts, sh.samples_per_shard)
     pattern = shard_pattern(part, num_parts)
     for stale in out.glob(".shard-*.tmp"):
         if pattern.fullmatch(stale.name[1:].rsplit(".", 2)[0]):
@@ -328,16 +394,16 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     journal = Journal(cache_dir, "shards", part_tag(part, num_parts), key="name")
     done = journal.load()
     planned = []
-    for i, slices in plan:
+    for number, slices in plan:
         members = [m for identity, a, b in slices for m in by_identity[identity][a:b]]
         metas = [(sample_key(it.identity, it.sha256), s.to_json()) for it, s in members]
         digest = shard_digest(sh.tag, metas)
-        name = shard_name(i, part, num_parts)
+        name = shard_name(number, part, num_parts)
         rec, path = done.get(name), out / name
         fresh = rec is not None and rec["digest"] == digest and path.is_file()
         fresh = fresh and path.stat().st_size == rec["bytes"]
-        planned.append((i, name, slices, members, metas, digest, fresh))
-    todo = [task(it) for _, name, _, members, _, _, fresh in planned if not fresh for it, _ in members]
+        planned.append((number, name, slices, members, metas, digest, fresh))
+    todo = [task(it) for _, _, _, members, _, _, fresh in planned if not fresh for it, _ in members]
     jpgs = pool.map_ordered(stored_bytes, todo)
     shards = []
     with progress(total=len(samples), desc="shards") as bar:
@@ -350,9 +416,9 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
                 size = write_shard(path, ((key, next(jpgs), meta) for key, meta in metas))
                 sha = file_sha256(path)
                 journal.append([{"name": name, "digest": digest, "bytes": size, "sha256": sha}], fsync=True)
-            counts: dict[str, int] = {}
+            per_identity: dict[str, int] = {}
             for identity, a, b in slices:
-                counts[identity] = counts.get(identity, 0) + b - a
+                per_identity[identity] = per_identity.get(identity, 0) + b - a
             shards.append(
                 {
                     "name": name,
@@ -360,7 +426,7 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
                     "count": len(members),
                     "bytes": size,
                     "sha256": sha,
-                    "identities": counts,
+                    "identities": per_identity,
                 }
             )
             bar.update(len(members))
