@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bolid.images import MAX_IMAGE_PIXELS, ImageTooLarge, image_size
-from crawler.config import DEFAULT_CONFIG, CrawlConfig
+from crawler.config import CrawlConfig
 from datapipe.config import IngestConfig
 from demo.site import claimed_size_jpeg
 from demo.synthetic import jpeg_bytes, synthetic_photo
@@ -74,7 +74,7 @@ def baseline(tmp_path_factory) -> dict:
 def test_one_pixel_cap_for_crawler_and_datapipe():
     assert MAX_IMAGE_PIXELS == 50_000_000
     assert CrawlConfig().max_image_pixels == IngestConfig().max_pixels == MAX_IMAGE_PIXELS
-    assert CrawlConfig.from_yaml(DEFAULT_CONFIG).max_image_pixels == MAX_IMAGE_PIXELS
+    assert CrawlConfig.from_yaml(ROOT / "configs" / "crawl" / "theplace.yaml").max_image_pixels == MAX_IMAGE_PIXELS
 
 
 def test_bomb_header_is_too_large_without_decoding(tmp_path, baseline):
