@@ -38,10 +38,11 @@ from pathlib import Path
 
 from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
 from datapipe.annotate import Captioner, PoseModel, Verdict, annotate, judge_persons
+from datapipe.balance import assign_sources
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
 from datapipe.index import merge, part_path, part_tag, write_part
-from datapipe.ingest import Item, Source, decide, discover, part_of, run_probes
+from datapipe.ingest import Item, Source, decide, discover, run_probes
 from datapipe.removals import Removals
 from datapipe.stats import Stats
 from datapipe.table import sample_rows, write_rows
@@ -111,8 +112,9 @@ def build(
         everyone, layout = discover(in_dir)
         if not everyone:
             raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
-        sources = [s for s in everyone if part_of(s.identity, num_parts) == part]
-        others = [s for s in everyone if part_of(s.identity, num_parts) != part]
+        assignment = assign_sources((s.identity for s in everyone), num_parts)
+        sources = [s for s in everyone if assignment[s.identity] == part]
+        others = [s for s in everyone if assignment[s.identity] != part]
         log.info(
             "%s: %d images of %d identities (%s layout), part %d of %d",
             in_dir,
