@@ -3,7 +3,7 @@
 Each YAML section maps to one dataclass below; every field is documented on its class and
 checked on construction, and an unknown key is an error naming it (a typo never falls
 back to a default silently). Command-line flags override the YAML (``--components``,
-``--device``, ``--batch-size``, ``--workers``).
+``--device``, ``--batch-size``, ``--workers``, ``--executor``, ``--num-parts``, ``--retries``, ``--ray-address``).
 """
 
 from __future__ import annotations
@@ -173,6 +173,82 @@ class ShardsConfig:
         return f"r{self.resolution}-q{self.quality}-{self.resample}"
 
 
+@dataclass(frozen=True)
+class RayConfig:
+    """``executor: ray``: parts as Ray tasks, the models as pools of Ray actors (:mod:`datapipe.executors`).
+
+    Attributes:
+        address: the cluster to join (``ray://host:10001``, ``host:6379``, ``auto``); empty starts a local Ray.
+        num_cpus: CPUs of a local Ray (empty: all); ignored when joining a cluster.
+        object_store_mb: object store size of a local Ray in MB (empty: Ray's default).
+        part_cpus: CPUs each part task reserves (its decode/resize workers run inside it).
+        pose_actors: detector + ViTPose actors (each keeps its models loaded across parts and batches).
+        caption_actors: BLIP-2 actors.
+        actor_gpus: GPUs each model actor reserves (fractions share one GPU; 0 on a CPU-only cluster).
+    """
+
+    address: str = ""
+    num_cpus: int | None = None
+    object_store_mb: int | None = None
+    part_cpus: float = 1.0
+    pose_actors: int = 1
+    caption_actors: int = 1
+    actor_gpus: float = 0.0
+
+    def __post_init__(self):
+        _check(isinstance(self.address, str), "ray.address", "a string", self.address)
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", ">= 1 or empty", self.num_cpus)
+        _check(
+            self.object_store_mb is None or self.object_store_mb >= 64,
+            "ray.object_store_mb",
+            ">= 64 or empty",
+            self.object_store_mb,
+        )
+        _check(self.part_cpus > 0, "ray.part_cpus", "> 0", self.part_cpus)
+        _check(self.pose_actors >= 1, "ray.pose_actors", ">= 1", self.pose_actors)
+        _check(self.caption_actors >= 1, "ray.caption_actors", ">= 1", self.caption_actors)
+        _check(self.actor_gpus >= 0, "ray.actor_gpus", ">= 0", self.actor_gpus)
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """``executor: slurm``: an ``sbatch --array`` job over the parts and a merge job after it.
+
+    Attributes:
+        python: the interpreter the jobs run (``python -m datapipe``); a path when the cluster's differs.
+        partition: ``--partition`` (empty: the cluster's default).
+        time: ``--time`` per part, e.g. ``"12:00:00"`` (empty: the partition's default).
+        cpus_per_task: ``--cpus-per-task`` of each part (its decode/resize workers).
+        gpus_per_task: ``--gpus-per-task`` of each part (0: none).
+        mem: ``--mem`` per part, e.g. ``"64G"`` (empty: the partition's default).
+        max_parallel: run at most this many parts at once (``--array=0-N%M``); 0: no limit.
+        extra: more ``#SBATCH`` options, each a full option such as ``"--account=vision"``.
+        setup: shell lines run before the command (``module load``, ``source .venv/bin/activate``).
+    """
+
+    python: str = "python"
+    partition: str = ""
+    time: str = ""
+    cpus_per_task: int = 8
+    gpus_per_task: int = 1
+    mem: str = ""
+    max_parallel: int = 0
+    extra: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "extra", tuple(self.extra))
+        object.__setattr__(self, "setup", tuple(self.setup))
+        _check(bool(self.python), "slurm.python", "an interpreter", self.python)
+        _check(self.cpus_per_task >= 1, "slurm.cpus_per_task", ">= 1", self.cpus_per_task)
+        _check(self.gpus_per_task >= 0, "slurm.gpus_per_task", ">= 0", self.gpus_per_task)
+        _check(self.max_parallel >= 0, "slurm.max_parallel", ">= 0", self.max_parallel)
+        for option in self.extra:
+            _check(str(option).startswith("--"), "slurm.extra", "a list of --options", option)
+
+
+EXECUTORS = ("local", "ray", "slurm")
+
 _SECTIONS = {
     "ingest": IngestConfig,
     "pose": PoseConfig,
@@ -180,6 +256,8 @@ _SECTIONS = {
     "identities": IdentitiesConfig,
     "split": SplitConfig,
     "shards": ShardsConfig,
+    "ray": RayConfig,
+    "slurm": SlurmConfig,
 }
 
 
@@ -193,6 +271,10 @@ class BuildConfig:
         dtype: model dtype: ``auto`` (float16 on CUDA, float32 on CPU), ``float32``, ``float16`` or ``bfloat16``.
         workers: CPU worker processes for decode, resize and encode; 0 runs them in the main process;
             ``auto`` (or -1) uses one per available core.
+        executor: what runs the parts: ``local`` (this machine, one part after another), ``ray`` or ``slurm``
+            (:mod:`datapipe.executors`; their settings are the ``ray`` and ``slurm`` sections).
+        num_parts: how many parts the identities are split into (:mod:`datapipe.balance`).
+        retries: how many times a failed part is started again (it resumes from the cache).
     """
 
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
@@ -205,8 +287,16 @@ class BuildConfig:
     identities: IdentitiesConfig = field(default_factory=IdentitiesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    executor: str = "local"
+    num_parts: int = 1
+    retries: int = 1
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self):
+        _check(self.executor in EXECUTORS, "executor", " or ".join(EXECUTORS), self.executor)
+        _check(isinstance(self.num_parts, int) and self.num_parts >= 1, "num_parts", ">= 1", self.num_parts)
+        _check(isinstance(self.retries, int) and self.retries >= 0, "retries", ">= 0", self.retries)
         _check(
             self.dtype in ("auto", "float32", "float16", "bfloat16"),
             "dtype",
@@ -238,7 +328,7 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> BuildConfig:
         """Build from a parsed YAML mapping; unknown keys raise ``ValueError`` naming them."""
-        top = {"components", "device", "dtype", "workers", *_SECTIONS}
+        top = {"components", "device", "dtype", "workers", "executor", "num_parts", "retries", *_SECTIONS}
         check_keys(data, top, where)
         kwargs: dict[str, Any] = {}
         for name, klass in _SECTIONS.items():
@@ -253,6 +343,9 @@ class BuildConfig:
             components=ComponentsConfig.parse(data.get("components", "real")),
             device=str(data.get("device", "auto")),
             dtype=str(data.get("dtype", "auto")),
+            executor=str(data.get("executor", "local")),
+            num_parts=data.get("num_parts", 1),
+            retries=data.get("retries", 1),
             **kwargs,
         )
 
