@@ -185,6 +185,8 @@ class RayConfig:
         pose_actors: detector + ViTPose actors (each keeps its models loaded across parts and batches).
         caption_actors: BLIP-2 actors.
         actor_gpus: GPUs each model actor reserves (fractions share one GPU; 0 on a CPU-only cluster).
+        actor_cpus: CPUs each model actor reserves while it lives (keep ``actors * actor_cpus`` below the cluster's
+            CPUs, or the part tasks cannot start).
     """
 
     address: str = ""
@@ -194,6 +196,7 @@ class RayConfig:
     pose_actors: int = 1
     caption_actors: int = 1
     actor_gpus: float = 0.0
+    actor_cpus: float = 1.0
 
     def __post_init__(self):
         _check(isinstance(self.address, str), "ray.address", "a string", self.address)
@@ -208,6 +211,7 @@ class RayConfig:
         _check(self.pose_actors >= 1, "ray.pose_actors", ">= 1", self.pose_actors)
         _check(self.caption_actors >= 1, "ray.caption_actors", ">= 1", self.caption_actors)
         _check(self.actor_gpus >= 0, "ray.actor_gpus", ">= 0", self.actor_gpus)
+        _check(self.actor_cpus >= 0, "ray.actor_cpus", ">= 0", self.actor_cpus)
 
 
 @dataclass(frozen=True)

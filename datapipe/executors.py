@@ -188,12 +188,10 @@ def run_ray(config: BuildConfig, in_dir: str | Path, out_dir: str | Path) -> dic
     rc, n = config.ray, config.num_parts
     in_dir, out_dir = str(Path(in_dir).resolve()), str(Path(out_dir).resolve())
     try:
-        server = ray.remote(ModelServer)
+        server = ray.remote(ModelServer).options(num_cpus=rc.actor_cpus, num_gpus=rc.actor_gpus)
         pools = {
-            "pose": [server.options(num_gpus=rc.actor_gpus).remote("pose", config) for _ in range(rc.pose_actors)],
-            "caption": [
-                server.options(num_gpus=rc.actor_gpus).remote("caption", config) for _ in range(rc.caption_actors)
-            ],
+            "pose": [server.remote("pose", config) for _ in range(rc.pose_actors)],
+            "caption": [server.remote("caption", config) for _ in range(rc.caption_actors)],
         }
         task = ray.remote(_build_part).options(num_cpus=rc.part_cpus, max_retries=config.retries, retry_exceptions=True)
         pending = {task.remote(config, in_dir, out_dir, p, ActorModels(pools, p)): p for p in range(n)}

@@ -208,7 +208,12 @@ def test_ray_equals_local_byte_for_byte(local2):
     """A local Ray (2 CPUs, small object store), fresh cache: the models run in the actor pools, the parts as
     Ray tasks; the dataset equals the local executor's byte for byte."""
     config = local2["config"].replace(
-        executor="ray", ray__num_cpus=2, ray__object_store_mb=128, ray__part_cpus=0.5, ray__pose_actors=2
+        executor="ray",
+        ray__num_cpus=2,
+        ray__object_store_mb=128,
+        ray__part_cpus=0.5,
+        ray__actor_cpus=0.25,
+        ray__pose_actors=2,
     )
     os.environ["OMP_NUM_THREADS"] = "1"
     out = local2["tmp"] / "ray"
