@@ -153,7 +153,6 @@ def test_slurm_dry_run_submits_nothing_and_sbatch_errors_are_named(tmp_path, mon
     assert len(calls.read_text().splitlines()) == 1, "no merge job after a failed array submission"
 
 
-@pytest.mark.slow
 def test_slurm_scripts_run_by_hand_equal_the_local_build(local2):
     """``--dry-run``, then each array task and the merge run with bash, as Slurm would (shared model cache)."""
     out = local2["tmp"] / "slurm"
