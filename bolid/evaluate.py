@@ -86,12 +86,15 @@ class Variant:
             before the next variant is built, so only one model is in memory at a time.
         uses_identity: ``False`` for a model that ignores references (the base model).
         settings: recorded with every image (adapter file, scales, steps, ...).
+        no_identity: the model CLIP-I compares this one with (a peer's own base model, sampled with the peer's
+            steps and CFG); ``None``: :func:`evaluate`'s ``no_identity``.
     """
 
     name: str
     build: Callable[[], GenerateFn]
     uses_identity: bool = True
     settings: dict = field(default_factory=dict)
+    no_identity: Variant | None = None
 
 
 @dataclass
