@@ -90,7 +90,7 @@ _HOW = (
     "the releases of github.com/deepinsight/insightface (model zoo, python-package README) on a machine with "
     "internet and unzip it to ~/.insightface/models/{name}/, or point BoLID at the folder with `{env}=/path` "
     "or the config key that names this pack. The folder must hold {files}. Note InsightFace's licence: its "
-    "pretrained models are for non-commercial research only."
+    "pretrained models are for non-commercial research only"
 )
 
 
@@ -162,7 +162,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def align_face(image: Image.Image, kps: np.ndarray, size: int = 112) -> Image.Image:
     """The ``size`` x ``size`` ArcFace crop of the face with keypoints ``kps`` (5 x 2, image pixels)."""
-    m = similarity_transform(kps, ARCFACE_TEMPLATE * size / 112.0)
+    m = similarity_transform(kps, ARCFACE_TEMPLATE * size / 112.0)  # pixel centres at integers, as OpenCV's
+    # PIL puts pixel centres at +0.5: the same map in its coordinates shifts by 0.5 - A @ (0.5, 0.5).
+    m[:, 2] += 0.5 - m[:, :2] @ np.array([0.5, 0.5])
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]  # PIL maps output pixels back to input pixels
     return image.convert("RGB").transform(
         (size, size), Image.Transform.AFFINE, data=tuple(inv.ravel()), resample=Image.Resampling.BILINEAR
