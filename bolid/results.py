@@ -249,7 +249,11 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
                 "body_sim_failure_rate": r.failure_rate,
                 "body_sim_failures": r.failures,
                 **(
-                    {"face_sim_failure_rate": _json_num(r.face_failure_rate), "face_sim_failures": r.face_failures}
+                    {
+                        "face_sim_pairs": r.face_pairs,
+                        "face_sim_failure_rate": _json_num(r.face_failure_rate),
+                        "face_sim_failures": r.face_failures,
+                    }
                     if r.face_failures is not None
                     else {}
                 ),
