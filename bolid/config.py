@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
-from bolid.components import COMPONENTS
+from bolid.components import COMPONENTS, KITS
 
-KINDS = ("real", "tiny")
+KINDS = KITS
 
 
 @dataclass(frozen=True)
 class ComponentsConfig:
-    """Which weights to use: ``kind`` is ``"real"`` or ``"tiny"``; ``overrides`` maps component -> id or path."""
+    """Which weights to use: ``kind`` is a kit (:data:`bolid.components.KITS`); ``overrides`` maps component -> id
+    or path."""
 
     kind: str = "real"
     overrides: dict[str, str] = field(default_factory=dict)
