@@ -29,7 +29,7 @@ ones the peers expect:
 A pack loads by local path: ``source`` argument (a YAML key), else ``$BOLID_ANTELOPEV2`` /
 ``$BOLID_BUFFALO_L``, else InsightFace's own location ``~/.insightface/models/<pack>``. Missing files raise
 :class:`bolid.components.MissingWeightsError` saying where to get them; a missing onnxruntime raises
-:class:`ImportError` naming the ``faceid`` extra. The tiny kit (:func:`bolid.tiny_peers.tiny_face_pack`)
+:class:`ImportError` naming the ``faceid`` extra. The tiny kit (:func:`bolid.kits.tiny_peers.tiny_face_pack`)
 writes small random ONNX files of the same interface under the same names.
 """
 
@@ -229,7 +229,7 @@ class FaceAnalyzer:
     def from_pack(cls, name: str, source: str | Path | None = None, kit: str = "real", **kwargs) -> FaceAnalyzer:
         """Load pack ``name`` (``antelopev2`` or ``buffalo_l``) from its folder, or the tiny kit's twin."""
         if kit == "tiny":
-            from bolid.tiny_peers import tiny_face_pack
+            from bolid.kits.tiny_peers import tiny_face_pack
 
             folder = tiny_face_pack(name)
         else:

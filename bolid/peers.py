@@ -168,7 +168,7 @@ def resolve_peer(spec: PeerSpec, kit: str = "real") -> Path:
         MissingWeightsError: a local folder lacks the files, or a hub id is neither cached nor reachable.
     """
     if kit == "tiny":
-        from bolid import tiny_peers
+        from bolid.kits import tiny_peers
 
         build = {
             "ip_adapter": tiny_peers.tiny_ip_adapter_repo,
@@ -206,14 +206,10 @@ def resolve_peer(spec: PeerSpec, kit: str = "real") -> Path:
 
 
 def _sdxl_parts(components: ComponentsConfig, dtype: torch.dtype) -> dict:
-    """The SDXL base pipeline's components (the tiny kit's, or the real ones)."""
-    if components.tiny:
-        from bolid.tiny import tiny_sdxl_components
+    """The SDXL base pipeline's components from the configured kit."""
+    from bolid.components import load
 
-        return tiny_sdxl_components()
-    from bolid.components import load_sdxl
-
-    return dict(load_sdxl(components.source("sdxl"), torch_dtype=dtype).components)
+    return load("sdxl", components, torch_dtype=dtype)
 
 
 def _place(pipe, device: str, dtype: torch.dtype):

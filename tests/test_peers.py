@@ -54,7 +54,7 @@ def test_peer_follows_the_identity_and_is_the_base_model_at_scale_zero(kind, ref
 
 def test_instantid_adapter_loads_into_stock_diffusers_unchanged():
     """InstantID's ip-adapter.bin (Resampler with fused to_kv) is read by stock load_ip_adapter, weights intact."""
-    from bolid.tiny_peers import tiny_instantid_repo
+    from bolid.kits.tiny_peers import tiny_instantid_repo
 
     runner = PeerRunner(PeerSpec("InstantID", "instantid", steps=STEPS), "tiny")
     state = torch.load(tiny_instantid_repo() / "ip-adapter.bin", weights_only=True)

@@ -1,7 +1,7 @@
-"""The tiny kit's peers: random-init checkpoints of IP-Adapter, IP-Adapter FaceID and InstantID in their stock
-layouts, and random InsightFace ONNX packs, written to folders and loaded by the same code as the real ones.
+"""The tiny kit's peers (``components: tiny``): random-init checkpoints of IP-Adapter, IP-Adapter FaceID and
+InstantID in their stock layouts, and random InsightFace ONNX packs, written to folders and loaded by the same code as the real ones.
 
-Each builder writes, once, under the tiny kit's cache folder (:func:`bolid.tiny._cache_dir`), a folder laid
+Each builder writes, once, under the tiny kit's cache folder (:func:`bolid.kits.tiny._cache_dir`), a folder laid
 out like the real download, so :mod:`bolid.peers` and :mod:`bolid.face_id` read them through the stock paths
 (``load_ip_adapter``, ``ControlNetModel.from_pretrained``, onnxruntime):
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bolid.tiny import TINY_SEED, _cache_dir, tiny_sdxl_components
+from bolid.kits.tiny import TINY_SEED, _cache_dir, tiny_sdxl_components
 
 __all__ = [
     "FACE_EMBED_DIM",
