@@ -1,5 +1,6 @@
 """The tiny kit's peers (``components: tiny``): random-init checkpoints of IP-Adapter, IP-Adapter FaceID and
-InstantID in their stock layouts, and random InsightFace ONNX packs, written to folders and loaded by the same code as the real ones.
+InstantID in their stock layouts, and random InsightFace ONNX packs, written to folders and loaded by the same
+code as the real ones.
 
 Each builder writes, once, under the tiny kit's cache folder (:func:`bolid.kits.tiny._cache_dir`), a folder laid
 out like the real download, so :mod:`bolid.peers` and :mod:`bolid.face_id` read them through the stock paths
