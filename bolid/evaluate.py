@@ -15,7 +15,8 @@ images (``images_per_prompt``) with seeds ``seed + k``, k = 0..K-1, in batches o
 does not depend on the batch it was made in, and every model starts from the same noise for
 the same prompt and k. A model without identity input (the base model) makes its images once
 per (prompt, k) and they are scored against every identity. CLIP-I compares each image with
-the *no-identity* image of the same prompt and seed, made by the base model.
+the *no-identity* image of the same prompt and seed, made by the base model, or by the variant's own
+``no_identity`` model (a peer's SDXL base with the peer's steps and CFG, :mod:`bolid.peers`).
 
 **Confidence intervals.** ``mean ± half-width`` of a 95% percentile bootstrap over identities
 (a cluster bootstrap): identities are resampled with replacement ``ci_resamples`` times (seeded)
@@ -26,8 +27,8 @@ results.json hold both ends. With one identity there is no interval ("n/a").
 
 **Outputs** in ``out/``:
 
-* ``results.md``: the table as in the paper (rows: models; per dataset: Body Sim, CLIP-T,
-  CLIP-I), then the Body Sim failure rates and the run's settings;
+* ``results.md``: the table as in the paper (rows: models; per dataset: Face Sim when a face model is
+  given, Body Sim, CLIP-T, CLIP-I), then the Body Sim (and Face Sim) failure rates and the run's settings;
 * ``results.csv``: one row per (dataset, model, metric) with mean, CI ends, counts;
 * ``results.json``: the same plus the settings and failure counts by reason;
 * ``comparison.png``: reference | each model's first image, for a few identities and prompts;
