@@ -119,12 +119,12 @@ def test_no_face_gives_the_base_model(references):
 
 
 def test_peer_configs_parse():
-    real = EvalConfig.from_yaml(ROOT / "configs" / "eval.yaml")
+    real = EvalConfig.from_yaml(ROOT / "configs" / "eval" / "real.yaml")
     peers = [m for m in real.models if isinstance(m, PeerSpec)]
     assert {m.kind for m in peers} == set(PEER_KINDS)
     assert all(m.source for m in peers), "every peer records where its settings come from"
     assert real.face_pack in ("buffalo_l", "antelopev2")
-    tiny = EvalConfig.from_yaml(ROOT / "configs" / "eval_peers_tiny.yaml")
+    tiny = EvalConfig.from_yaml(ROOT / "configs" / "eval" / "peers_tiny.yaml")
     assert {m.kind for m in tiny.models if isinstance(m, PeerSpec)} == set(PEER_KINDS)
     assert tiny.face_pack == "buffalo_l"
 
@@ -157,7 +157,7 @@ def test_missing_peer_weights_say_how_to_get_them(tmp_path):
 
 @pytest.mark.slow
 def test_eval_writes_peer_rows_and_face_sim(references, tmp_path):
-    """`bolid eval` with configs/eval_peers_tiny.yaml (on a photo folder instead of the demo shards)."""
+    """`bolid eval` with configs/eval/peers_tiny.yaml (on a photo folder instead of the demo shards)."""
     from bolid.__main__ import main
 
     photos = tmp_path / "photos"
@@ -165,9 +165,9 @@ def test_eval_writes_peer_rows_and_face_sim(references, tmp_path):
     references[0].save(photos / "skier" / "a.jpg")
     (photos / "noface").mkdir()
     Image.new("RGB", (200, 240), (128, 128, 128)).save(photos / "noface" / "a.jpg")
-    config = yaml.safe_load((ROOT / "configs" / "eval_peers_tiny.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "eval" / "peers_tiny.yaml").read_text())
     config.update(out=str(tmp_path / "out"), max_prompts=1, images_per_prompt=1, batch_size=1)
-    config["prompts"] = str(ROOT / "configs" / "prompts.yaml")
+    config["prompts"] = str(ROOT / "configs" / "eval" / "prompts.yaml")
     config["datasets"] = [{"name": "Photos", "folder": str(photos)}]
     config["models"] = [m for m in config["models"] if m["kind"] != "bolid"]  # BoLID rows: tests/test_evaluate.py
     for m in config["models"]:
