@@ -231,6 +231,10 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     assert bolid_main(["export", str(run / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "ema"), "--ema"]) == 0
     e = load_file(tmp_path / "ema" / "adapter.safetensors")
     assert any(not torch.equal(e[k], a[k]) for k in a)  # EMA weights differ from the raw ones
+    # ... and so do its stock-diffusers files: they hold the EMA weights too
+    fe = load_file(tmp_path / "ema" / "diffusers" / "bolid_face.safetensors")
+    fa = load_file(out / "diffusers" / "bolid_face.safetensors")
+    assert fe.keys() == fa.keys() and any(not torch.equal(fe[k], fa[k]) for k in fa)
 
 
 @pytest.mark.slow
