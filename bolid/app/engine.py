@@ -343,8 +343,8 @@ class AppEngine:
             files = generate_cli.save_result(result, out, command="app", argv=["bolid", "generate", *argv])
             progress(0.9, "scoring Body Sim")
             refs = [(r.image, Path(n).name) for r, n in zip(result.references, names or paths, strict=True)]
-            table, note = self.body_sim_rows(images + base, refs)
-        paired = [x for pair in zip(images, base, strict=True) for x in pair] if base else images
+            paired = [x for pair in zip(images, base, strict=True) for x in pair] if base else images
+            table, note = self.body_sim_rows(paired, refs)
         command = shlex.join(
             ["python", "-m", "bolid", "generate", *argv[: argv.index("--")], "-o", "OUT", "--", *(names or paths)]
         )

@@ -49,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
     from bolid.app.engine import AppEngine
     from bolid.components import MissingWeightsError
 
+    for name in ("max_upload_mb", "max_megapixels", "max_images", "keep_minutes"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
+            return 2
     try:
         from bolid.app import ui
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for name in ("max_upload_mb", "max_megapixels", "max_images", "keep_minutes"):
-        if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
-            return 2
     engine = AppEngine(
         args, max_pixels=int(args.max_megapixels * 1e6), max_images=args.max_images, keep_s=args.keep_minutes * 60
     )
