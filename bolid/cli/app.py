@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,14 +54,17 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
             return 2
-    try:
-        from bolid.app import ui
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     engine = AppEngine(
         args, max_pixels=int(args.max_megapixels * 1e6), max_images=args.max_images, keep_s=args.keep_minutes * 60
     )
+    # Gradio's uploads and cached outputs go under the engine's folder too, so stopping the app removes them all.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(engine.workdir / "gradio"))
+    try:
+        from bolid.app import ui
+    except ImportError as e:
+        engine.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         examples = _examples(args.examples)
         engine.pipeline()  # load the model before serving: missing weights fail here, not on the first click
