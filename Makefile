@@ -30,7 +30,7 @@ setup:  ## create .venv, install torch if none is present, then bolid in editabl
 
 demo:  ## the whole system offline on the tiny kit: demo site -> crawl -> shards -> train -> eval (DEMO_ARGS=--quick)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
-	$(PY) -m bolid demo $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 app:  ## the generation web page on http://127.0.0.1:7860 (tiny kit, BlazePose; APP_ARGS=--components real ...)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
