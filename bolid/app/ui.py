@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CSS = """
 #ref-status, #gen-status {min-height: 1.5em}
 #command textarea {font-family: ui-monospace, monospace; font-size: 12px}
+#overlays .thumbnail-item {aspect-ratio: 3 / 2}
 """
 INTRO = """# BoLID: identity that keeps the body
 Upload one or more photos of **one person** (or click the example), check what BoLID reads in each
@@ -219,7 +220,7 @@ def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) 
                 overlays = gr.Gallery(
                     label="What BoLID reads in each photo",
                     columns=3,
-                    height=340,
+                    height="auto",
                     object_fit="contain",
                     elem_id="overlays",
                 )
@@ -227,8 +228,7 @@ def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) 
                 gen_status = gr.Markdown(elem_id="gen-status")
                 gallery = gr.Gallery(
                     label="Generated (BoLID | base model, same seed)",
-                    columns=4,
-                    height=300,
+                    columns=2,
                     format="png",
                     elem_id="gallery",
                 )
