@@ -321,6 +321,7 @@ def test_each_generation_has_its_own_folder_and_old_ones_are_deleted(photo_path,
     assert not root.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, diffusers and transformers
 def test_bolid_imports_and_runs_without_gradio():
     code = (
         "import sys; sys.modules['gradio'] = None\n"  # makes `import gradio` fail as if it were not installed

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bolid.app import EXAMPLES
 
@@ -93,6 +94,8 @@ def test_upload_generate_download_and_bad_uploads_in_chromium(server, tmp_path):
     truncated.write_bytes(photo.read_bytes()[:5000])
     text = tmp_path / "notes.png"
     text.write_text("not an image at all")
+    empty = tmp_path / "empty-room.png"
+    Image.linear_gradient("L").resize((640, 480)).convert("RGB").save(empty)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -138,10 +141,11 @@ def test_upload_generate_download_and_bad_uploads_in_chromium(server, tmp_path):
         expect(other.locator("#downloads a")).to_have_count(0)
 
         # Bad uploads beside the good photo: a message per file, and the good photo stays in use.
-        page.locator("#refs input[type=file]").set_input_files([str(truncated), str(text)])
+        page.locator("#refs input[type=file]").set_input_files([str(truncated), str(text), str(empty)])
         status = page.locator("#ref-status")
         expect(status).to_contain_text("broken.jpg: not a readable image", timeout=60_000)
         expect(status).to_contain_text("notes.png: not a readable image")
+        expect(status).to_contain_text("empty-room.png: no person found")
         expect(status).to_contain_text("coco_000000000785.jpg: 1 person")
         expect(page.locator("#overlays img")).to_have_count(1)
         # Only bad uploads: nothing to generate from, and the page says so.

@@ -1,8 +1,9 @@
 """The Gradio page of ``bolid app``: references in, what BoLID reads shown, images and Body Sim out.
 
 Every event handler calls :class:`bolid.app.engine.AppEngine` and turns any failure into a message on the
-page (never a stack trace; the traceback goes to the server log). The queue runs one event at a time
-(``default_concurrency_limit=1``) and the engine's lock serialises model work. Gradio's analytics are off
+page (never a stack trace; the traceback goes to the server log). The two events that use the model (new
+references, generate) share one queue slot (``concurrency_id="model"``, limit 1), and the engine's lock
+serialises model work for any other caller too. Gradio's analytics are off
 (``GRADIO_ANALYTICS_ENABLED=False`` unless set otherwise), no share link is made unless asked for, the
 theme uses local fonts only, and server-side rendering (a Node process) is off, so the page works offline.
 """
@@ -75,11 +76,18 @@ class Page:
     def __init__(self, engine: AppEngine):
         self.engine = engine
 
-    def references(self, files, lightning: bool, adapter: str):
+    def references(
+        self,
+        files,
+        lightning: bool,
+        adapter: str,
+        progress=gr.Progress(),  # noqa: B008 - Gradio finds the progress tracker in the default
+    ):
         """Uploads changed: overlays, shape chart, one line per photo, and the usable photos for generation."""
         paths = _paths(files)
         if not paths:
             return [], None, "", []
+        progress(0.0, desc=f"finding the person in {len(paths)} photo(s)")
         try:
             views = self.engine.inspect(paths, lightning, adapter.strip() or None)
         except Exception as e:  # noqa: BLE001 - shown on the page
@@ -246,7 +254,13 @@ def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) 
                 command = gr.Textbox(
                     label="The same images from the command line", interactive=False, elem_id="command"
                 )
-        refs.change(page.references, [refs, use_lightning, adapter], [overlays, chart, ref_status, usable])
+        # Both model events share one queue slot: the page never runs two model calls at once.
+        refs.change(
+            page.references,
+            [refs, use_lightning, adapter],
+            [overlays, chart, ref_status, usable],
+            concurrency_id="model",
+        )
         use_lightning.change(sampler_defaults, [use_lightning], [steps, guidance])
         run.click(
             page.generate,
@@ -267,6 +281,7 @@ def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) 
                 adapter,
             ],
             [gallery, bodysim, files, command, gen_status],
+            concurrency_id="model",
         )
     return demo
 
