@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bolid.config import KINDS
+from bolid.components import KITS
 from bolid.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick the model (kit, adapter, UNet, pose model, device); shared with ``bolid app``."""
-    parser.add_argument("--components", choices=list(KINDS), default="real", help="real weights or the tiny kit")
+    parser.add_argument("--components", choices=KITS, default="real", help="components kit: real weights, tiny, ...")
     parser.add_argument("--adapter", default=None, help="adapter folder (adapter.safetensors + adapter.json)")
     parser.add_argument(
         "--no-lightning", dest="lightning", action="store_false", help="use the SDXL base UNet instead of Lightning"
