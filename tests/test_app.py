@@ -166,7 +166,7 @@ def test_several_persons_and_a_hidden_face_are_warnings_not_errors(photo_path):
         (view,) = engine.inspect([str(photo_path)])
         assert view.usable and view.reference.num_persons == 2
         assert view.warnings[0] == "2 persons found: the largest (green box) is used"
-        persons = engine.pipeline().extractor([Image.open(photo_path)])[0]
+        persons = engine.current_pipeline().extractor([Image.open(photo_path)])[0]
         np.testing.assert_allclose(view.reference.person.box, persons[0].box)  # the largest is the one kept
         assert persons[0].area >= persons[1].area
     finally:
@@ -182,7 +182,7 @@ def test_several_persons_and_a_hidden_face_are_warnings_not_errors(photo_path):
 
     engine = AppEngine(model_args("--pose", "blazepose"))
     try:
-        pipe = engine.pipeline()
+        pipe = engine.current_pipeline()
         pipe.extractor = FaceTurnedAway()
         (view,) = engine.inspect([str(photo_path)])
         assert view.usable and view.warnings == ["face not visible: only the body term is used for this photo"]
@@ -237,7 +237,7 @@ def test_app_generation_is_bolid_generate_plus_the_base_images(engine, photo_pat
     assert view.command.endswith("-o OUT -- skier.jpg")
 
     # The base images are the pipeline with no identity, and the identity does change the image.
-    pipe = engine.pipeline()
+    pipe = engine.pipeline(True, None)
     base = pipe(PROMPT, seed=5, num_images=2).images
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(view.images[2 * i + 1][0]), np.asarray(base[i]))
@@ -258,6 +258,20 @@ def test_base_unet_and_sliders_reach_the_pipeline(engine, photo_path):
     assert (s["scale_face"], s["scale_body"], s["width"], s["height"]) == (0.0, 2.0, 48, 80)
     assert view.images[0][0].size == (48, 80)
     assert engine.pipeline(False, None) is engine.pipeline(False, None)  # cached while the choice stays
+
+
+def test_adapter_folder_from_the_command_line_and_the_page(engine, photo_path, tmp_path):
+    folder = tmp_path / "adapter"
+    engine.pipeline(True, None).adapter.save(folder)
+    started = AppEngine(model_args("--pose", "blazepose", "--adapter", str(folder)))
+    try:
+        assert started.default_pipeline().info["adapter"] == str(folder)  # --adapter is loaded at start
+        view = started.generate([str(photo_path)], GenerationRequest(PROMPT, adapter=str(folder)))
+        assert view.settings["adapter"] == str(folder) and f"--adapter={folder}" in view.command
+        view = started.generate([str(photo_path)], GenerationRequest(PROMPT, adapter=None))  # field emptied
+        assert view.settings["adapter"] is None and "--adapter" not in view.command
+    finally:
+        started.close()
 
 
 @pytest.mark.parametrize(

@@ -178,9 +178,11 @@ class AppEngine:
 
     # ------------------------------------------------------------------------------------------- models
 
-    def pipeline(self, lightning: bool | None = None, adapter: str | None = None):
-        """The pipeline for this UNet and adapter, rebuilt only when they change (one is kept in memory)."""
-        lightning = self.model.lightning if lightning is None else lightning
+    def pipeline(self, lightning: bool, adapter: str | None):
+        """The pipeline for this UNet and adapter (``None``: a fresh one), rebuilt only when they change.
+
+        One pipeline is kept in memory; its pose extractor is handed on to the next one.
+        """
         adapter = adapter or None
         key = (lightning, adapter)
         with self.lock:
@@ -198,6 +200,15 @@ class AppEngine:
                 pipe.sdxl.set_progress_bar_config(disable=False, desc="sampling", leave=False)  # for the page
                 self._pipe, self._pipe_key = pipe, key
             return self._pipe
+
+    def default_pipeline(self):
+        """The pipeline of the command-line options (``--no-lightning``, ``--adapter``)."""
+        return self.pipeline(self.model.lightning, self.model.adapter)
+
+    def current_pipeline(self):
+        """The pipeline in memory, or the default one: for work that needs only its pose extractor."""
+        with self.lock:
+            return self._pipe if self._pipe is not None else self.default_pipeline()
 
     @property
     def body_sim(self) -> BodySimilarity:
@@ -224,13 +235,7 @@ class AppEngine:
                 f"{self.max_pixels / 1e6:.0f} MP; scale it down first"
             )
 
-    def inspect(
-        self,
-        paths: Sequence[str | Path],
-        lightning: bool | None = None,
-        adapter: str | None = None,
-        names: Sequence[str] | None = None,
-    ) -> list[ReferenceView]:
+    def inspect(self, paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[ReferenceView]:
         """Find the person in each photo with the pipeline's pose model and draw what was found.
 
         A photo that is not a usable image, or shows no person, gets an ``error`` and no reference; several
@@ -242,7 +247,7 @@ class AppEngine:
             raise AppError(f"{len(paths)} photos given; at most {self.max_references} are used, remove some")
         views = []
         with self.lock:
-            pipe = self.pipeline(lightning, adapter)
+            pipe = self.current_pipeline()
             for path, name in zip(paths, names, strict=True):
                 views.append(self._inspect_one(pipe, str(path), name))
         return views

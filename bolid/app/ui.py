@@ -76,20 +76,14 @@ class Page:
     def __init__(self, engine: AppEngine):
         self.engine = engine
 
-    def references(
-        self,
-        files,
-        lightning: bool,
-        adapter: str,
-        progress=gr.Progress(),  # noqa: B008 - Gradio finds the progress tracker in the default
-    ):
+    def references(self, files, progress=gr.Progress()):  # noqa: B008 - Gradio finds the tracker in the default
         """Uploads changed: overlays, shape chart, one line per photo, and the usable photos for generation."""
         paths = _paths(files)
         if not paths:
             return [], None, "", []
         progress(0.0, desc=f"finding the person in {len(paths)} photo(s)")
         try:
-            views = self.engine.inspect(paths, lightning, adapter.strip() or None)
+            views = self.engine.inspect(paths)
         except Exception as e:  # noqa: BLE001 - shown on the page
             return [], None, _message(e), []
         usable = [v for v in views if v.usable]
@@ -168,7 +162,7 @@ def sampler_defaults(lightning: bool):
 def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) -> gr.Blocks:
     """The page. ``examples``: bundled reference photos offered one click away."""
     page = Page(engine)
-    pipe = engine.pipeline()
+    pipe = engine.default_pipeline()
     native = pipe.sdxl.unet.config.sample_size * pipe.sdxl.vae_scale_factor
     step = max(16, native // 8)
     lightning = pipe.lightning
@@ -257,7 +251,7 @@ def build(engine: AppEngine, examples: Sequence[Path] = (), keep_s: int = 3600) 
         # Both model events share one queue slot: the page never runs two model calls at once.
         refs.change(
             page.references,
-            [refs, use_lightning, adapter],
+            [refs],
             [overlays, chart, ref_status, usable],
             concurrency_id="model",
         )

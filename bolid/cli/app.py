@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         examples = _examples(args.examples)
-        engine.pipeline()  # load the model before serving: missing weights fail here, not on the first click
+        engine.default_pipeline()  # load the model before serving: missing weights fail here, not on the first click
         ui.launch(
             engine,
             host=args.host,
