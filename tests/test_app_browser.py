@@ -132,13 +132,16 @@ def test_upload_generate_download_and_bad_uploads_in_chromium(server, tmp_path):
         if os.environ.get("BOLID_APP_SCREENSHOT"):  # e.g. docs/app.png for the README
             page.screenshot(path=os.environ["BOLID_APP_SCREENSHOT"], full_page=True)
 
-        # Another browser session: none of the first one's references or results.
+        # Another browser session: none of the first one's references or results, and the server does not hand
+        # out its files by path (only the copies behind the content-hashed links it gave the first session).
         other = browser.new_context().new_page()
         other.goto(url)
         expect(other.locator("#generate")).to_be_visible(timeout=60_000)
         expect(other.locator("#gallery img")).to_have_count(0)
         expect(other.locator("#overlays img")).to_have_count(0)
         expect(other.locator("#downloads a")).to_have_count(0)
+        (written,) = tmp.glob("bolid-app-*/run-*/settings.json")
+        assert other.request.get(f"{url}gradio_api/file={written}").status == 403
 
         # Bad uploads beside the good photo: a message per file, and the good photo stays in use.
         page.locator("#refs input[type=file]").set_input_files([str(truncated), str(text), str(empty)])
