@@ -41,13 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
+from bolid.components import DTYPES as _DTYPES
 from bolid.config import ComponentsConfig
 from bolid.image_encoder import ClipImageEncoder
 from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
