@@ -196,10 +196,8 @@ class BoLIDTrainingModule(L.LightningModule):
             self.adapter = BodyConditionModule(
                 self.unet, image_encoder, AdapterConfig.from_dict(adapter_settings or {})
             )
-        self.adapter.install(self.unet)
-        if self.lightning_unet is not None:
-            self.adapter.install(self.lightning_unet)
-        # Freeze everything, cast the frozen parts, then re-enable (and keep in fp32) the trainable ones.
+        # Freeze everything and cast only the frozen modules, *before* the adapter goes into the UNets: a cast
+        # after install would round the trainable weights (they live inside the UNet then) to frozen_dtype.
         self.requires_grad_(False)
         dtype = _DTYPES[hp.frozen_dtype]
         if dtype != torch.float32:
@@ -209,8 +207,11 @@ class BoLIDTrainingModule(L.LightningModule):
             for module in (*frozen, image_encoder, self.clip_loss.model if self.clip_loss is not None else None):
                 if module is not None:
                     module.to(dtype)
+        self.adapter.install(self.unet)
+        if self.lightning_unet is not None:
+            self.adapter.install(self.lightning_unet)
         for p in self.adapter.trainable_parameters():
-            p.data = p.data.float()
+            assert p.dtype == torch.float32, "trainable weights must stay in fp32"
             p.requires_grad_(True)
         if hp.gradient_checkpointing:
             for unet in (self.unet, self.lightning_unet):
