@@ -36,3 +36,107 @@ def test_stage1_adapter_loads_bit_identical_into_a_bf16_stage2_module(tmp_path):
     assert stage2.unet.conv_in.weight.dtype == torch.bfloat16
     assert stage2.lightning_unet.conv_in.weight.dtype == torch.bfloat16
     assert next(stage2.adapter.image_encoder.parameters()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ reference crops, both paths
+
+
+def _coco_person(fixtures, scale: float):
+    """The COCO fixture photo upscaled by ``scale`` (a high-resolution stored image) and its annotated person."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    ann = json.loads((fixtures / "coco_000000000785.json").read_text())
+    person = max((a for a in ann["annotations"] if a.get("num_keypoints")), key=lambda a: a["num_keypoints"])
+    kp = np.asarray(person["keypoints"], np.float32).reshape(17, 3)
+    kp[:, 2] = (kp[:, 2] > 0).astype(np.float32)  # COCO visibility -> a score of 1 or 0
+    kp[:, :2] *= scale
+    x, y, w, h = person["bbox"]
+    box = np.asarray([x, y, x + w, y + h], np.float32) * scale
+    image = Image.open(fixtures / "coco_000000000785.jpg").convert("RGB")
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    return image, kp, box
+
+
+def _write_pair_shard(path, photos) -> None:
+    """Two photos of one person through the real shard writer (``photos``: (image, keypoints, box))."""
+    import hashlib
+    import io
+
+    from datapipe.shards import ShardSample, sample_key, write_shard
+
+    samples = []
+    for i, (image, kp, box) in enumerate(photos):
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        sha = hashlib.sha256(buf.getvalue()).hexdigest()
+        meta = ShardSample(
+            identity="person-a", name="A", caption=f"a photo {i}", width=image.width, height=image.height,
+            original_width=image.width, original_height=image.height, box=tuple(map(float, box)), score=0.9,
+            keypoints=tuple(tuple(map(float, k)) for k in kp), face_box=None, num_persons=1, sha256=sha,
+            url=None, page_url=None, source="test",
+        )  # fmt: skip
+        samples.append((sample_key("person-a", sha), buf.getvalue(), meta.to_json()))
+    write_shard(path, samples)
+
+
+def test_training_and_inference_give_the_same_reference_vectors(fixtures, tmp_path):
+    """The data loader's crops of a stored photo and generate's crops of that photo give the same vectors."""
+    import webdataset as wds
+
+    from bolid.adapter import BodyConditionModule
+    from bolid.data import PairDataset, batch_crops
+    from bolid.image_encoder import ClipImageEncoder
+    from bolid.images import load_image
+    from bolid.pose import Person
+    from bolid.reference import Reference, encode_references
+    from bolid.tiny import tiny_sdxl_components
+
+    image, kp, box = _coco_person(fixtures, 2.5)  # 1600 x 1062
+    flipped = image.transpose(0)
+    flipped_kp = kp.copy()
+    flipped_kp[:, 0] = image.width - kp[:, 0]
+    _write_pair_shard(tmp_path / "s.tar", [(image, kp, box), (flipped, flipped_kp, box)])
+    adapter = BodyConditionModule(tiny_sdxl_components()["unet"], ClipImageEncoder.from_components("tiny"))
+    size = adapter.image_encoder.image_size
+    ds = PairDataset([str(tmp_path / "s.tar")], {"person-a"}, 2, 1, train=False, resolution=64, crop_size=size,
+                     batch_size=1)  # fmt: skip
+    stored = {s["__key__"]: s["jpg"] for s in wds.tarfile_samples([{"url": str(tmp_path / "s.tar")}])}
+    batches = list(ds)
+    assert len(batches) == 2
+    for batch in batches:
+        with torch.no_grad():
+            train = adapter.encode_crops(batch_crops(batch))
+        photo = load_image(stored[batch["ref_key"][0]])  # what a user would pass to `bolid generate`
+        ref_kp = kp if _is_unflipped(photo, image) else flipped_kp
+        infer = encode_references(adapter, [Reference(photo, Person(box=box, score=0.9, keypoints=ref_kp), "ref")])
+        assert bool(train.face_visible[0]) and bool(infer.face_visible[0])
+        torch.testing.assert_close(train.face, infer.face, rtol=0, atol=1e-6)
+        torch.testing.assert_close(train.body, infer.body, rtol=0, atol=1e-6)
+
+
+def _is_unflipped(photo, image) -> bool:
+    import numpy as np
+
+    a, b = np.asarray(photo, np.float32), np.asarray(image, np.float32)
+    return float(np.abs(a - b).mean()) < float(np.abs(a - b[:, ::-1]).mean())
+
+
+def test_face_crop_from_the_full_resolution_photo_is_sharper_than_from_a_letterbox(fixtures):
+    """The old path cut the face from a 512 px letterbox; at EVA-CLIP's 336 px the crop was an upsampled blur."""
+    from bolid.crops import crop_reference, reference_crops
+    from bolid.data import letterbox
+
+    image, kp, box = _coco_person(fixtures, 2.5)
+    full = reference_crops(image, kp, box, 336)
+    small, small_kp, small_box = letterbox(image, kp, box, 512)
+    old = crop_reference(small[None], small_kp[None], small_box[None], 336)
+
+    def detail(x: torch.Tensor) -> float:  # mean absolute difference of neighbouring pixels
+        return float((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean())
+
+    assert bool(full.face_visible[0]) and bool(old.face_visible[0])
+    # The fixture is a 640 px photo upscaled 2.5x, so the full-resolution crop holds only its 640 px detail: 1.38x.
+    assert detail(full.face) > 1.3 * detail(old.face), (detail(full.face), detail(old.face))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
 from bolid.config import ComponentsConfig
+from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
 from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
 
@@ -304,7 +305,7 @@ class BoLIDTrainingModule(L.LightningModule):
         return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
 
     def _identity(self, batch: dict) -> IdentityEmbeds:
-        return self.adapter.encode(batch["ref_pixels"], batch["ref_keypoints"], boxes=batch["ref_box"])
+        return self.adapter.encode_crops(batch_crops(batch))
 
     def _unet(self, unet, latents, t, text, pooled, time_ids, embeds: IdentityEmbeds) -> torch.Tensor:
         dtype = next(unet.parameters()).dtype
@@ -477,6 +478,11 @@ class BoLIDTrainingModule(L.LightningModule):
         warmup = max(hp.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "configure_reference_crops"):
+            dm.configure_reference_crops(self.adapter.image_encoder.image_size, self.adapter.config.min_score)
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision)
