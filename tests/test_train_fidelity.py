@@ -140,3 +140,92 @@ def test_face_crop_from_the_full_resolution_photo_is_sharper_than_from_a_letterb
     assert bool(full.face_visible[0]) and bool(old.face_visible[0])
     # The fixture is a 640 px photo upscaled 2.5x, so the full-resolution crop holds only its 640 px detail: 1.38x.
     assert detail(full.face) > 1.3 * detail(old.face), (detail(full.face), detail(old.face))
+
+
+# ------------------------------------------------------------------------- person-cropped differentiable pose
+
+
+class _BlobHeatmaps(torch.nn.Module):
+    """A stand-in for ViTPose whose heatmap k (k < 3) is colour channel k of its input, 4x average-pooled: a
+    Gaussian blob drawn in channel k of the image is keypoint k. Differentiable, like the real model."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a dtype
+
+    def forward(self, pixel_values):
+        from types import SimpleNamespace
+
+        x = pixel_values * self.std + self.mean  # back to [0, 1]
+        heat = torch.nn.functional.avg_pool2d(x, 4)  # (B, 3, 64, 48)
+        pad = torch.zeros(x.shape[0], 14, *heat.shape[-2:], dtype=heat.dtype)
+        return SimpleNamespace(heatmaps=torch.cat([heat, pad], 1))
+
+
+def _blob_image(size: int, box: tuple[float, float, float, float], points) -> torch.Tensor:
+    """A black ``size`` square in ``[-1, 1]`` with one Gaussian blob per point (channel k = point k); the blob's
+    width scales with the person box (about 3 heatmap pixels of ViTPose's 64 x 48 once the person is cropped)."""
+    x0, y0, x1, y1 = box
+    sigma = 3.0 * 4 * 1.25 * (y1 - y0) / 256
+    ys = torch.arange(size, dtype=torch.float64)[:, None] + 0.5  # pixel centres
+    xs = torch.arange(size, dtype=torch.float64)[None, :] + 0.5
+    img = torch.zeros(3, size, size, dtype=torch.float64)
+    for k, (px, py) in enumerate(points):
+        img[k] = torch.exp(-((xs - px) ** 2 + (ys - py) ** 2) / (2 * sigma**2))
+    return (img * 2 - 1).float()[None]
+
+
+def _person(size: int, height: float, cx: float, top: float):
+    """A person box of ``height`` (width 0.3 of it) and three keypoints: head, hip and ankle."""
+    box = (cx - 0.15 * height, top, cx + 0.15 * height, top + height)
+    points = [(cx + 0.01 * height, top + 0.06 * height), (cx - 0.05 * height, top + 0.53 * height),
+              (cx + 0.07 * height, top + 0.96 * height)]  # fmt: skip
+    return box, points
+
+
+def _synthetic_pose():
+    from types import SimpleNamespace
+
+    from bolid.losses import DifferentiablePose
+
+    proc = SimpleNamespace(size={"height": 256, "width": 192}, image_mean=[0.485, 0.456, 0.406],
+                           image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    return DifferentiablePose(_BlobHeatmaps(proc.image_mean, proc.image_std), proc)
+
+
+def test_person_cropped_pose_recovers_keypoints_of_small_and_large_persons():
+    pose = _synthetic_pose()
+    for size, height, cx, top in ((512, 60.0, 140.3, 301.7), (1024, 900.0, 611.2, 50.4)):
+        box, points = _person(size, height, cx, top)
+        images = _blob_image(size, box, points).requires_grad_(True)
+        kp = pose(images, torch.tensor([box]))
+        err = (kp[0, :3, :2].double() - torch.tensor(points, dtype=torch.float64)).norm(dim=-1)
+        assert float(err.max()) < 1.0, (height, err.detach())
+        assert bool((kp[0, :3, 2] > 0.5).all())
+        # gradients reach the image, where the keypoints are
+        kp[0, :3, :2].sum().backward()
+        g = images.grad[0].abs().sum(0)
+        assert float(g.sum()) > 0
+        px, py = map(int, points[1])
+        assert float(g[py - 2 : py + 3, px - 2 : px + 3].sum()) > 0
+        # ...and the box found without gradient (a coarse whole-frame pass) frames the same person
+        found = pose.locate(images.detach())[0]
+        assert abs(float(found[1] + found[3]) / 2 - (box[1] + box[3]) / 2) < 0.1 * height
+        assert abs(float(found[3] - found[1]) - height) < 0.2 * height
+        kp_auto = pose(images.detach())  # framed by that box the blobs are narrower than drawn for: 2 px
+        assert float((kp_auto[0, :3, :2].double() - torch.tensor(points, dtype=torch.float64)).norm(dim=-1).max()) < 2.0
+
+
+def test_whole_frame_pose_is_coarse_for_a_small_person():
+    """Without the person crop (today's whole-frame read) a 60 px person's keypoints are off by pixels."""
+    pose = _synthetic_pose()
+    box, points = _person(512, 60.0, 140.3, 301.7)
+    images = _blob_image(512, box, points)
+    whole = pose(images, torch.tensor([[0.0, 0.0, 512.0, 512.0]]))
+    cropped = pose(images, torch.tensor([box]))
+    truth = torch.tensor(points)
+    assert float((whole[0, :3, :2] - truth).norm(dim=-1).max()) > 2 * float(
+        (cropped[0, :3, :2] - truth).norm(dim=-1).max()
+    )
