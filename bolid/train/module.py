@@ -185,7 +185,7 @@ class BoLIDTrainingModule(L.LightningModule):
                 pose_model, pose_proc = tiny.tiny_vitpose()
             else:
                 pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
-            self.pose = DifferentiablePose(pose_model, pose_proc, min_score=min_score)
+            self.pose = DifferentiablePose(pose_model, pose_proc, min_score=hp.min_score)
         image_encoder = ClipImageEncoder(eva, eva_name)
         if hp.stage == 2:
             self.clip_loss = ClipTextLoss(image_encoder, eva, eva_tok)
