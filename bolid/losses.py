@@ -11,7 +11,8 @@ The objective follows the paper draft (``L = L_diff + α_id·L_id + β_clip·L_c
   (:mod:`bolid.body`) of the generated and reference persons, masked to features visible in both;
   an optional keypoint-position term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves
   same-pose training.
-* ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`).
+* ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`), and optionally its image
+  half ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(reference))`` (:meth:`ClipTextLoss.image_loss`, weighted apart).
 
 ViTPose-in-the-loss is PuLID's recipe with a body model; evaluation deliberately uses a *different*
 pose model (BlazePose, :mod:`bolid.metrics`) so that the metric cannot be gamed by the loss.
@@ -221,3 +222,15 @@ class ClipTextLoss(nn.Module):
         with torch.no_grad():
             txt = self.model.encode_text(self.tokenizer(captions).to(images.device)).float()
         return (1 - F.cosine_similarity(img, txt, dim=-1)).mean()
+
+    def image_loss(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """The image half of ``L_clip``: mean ``1 − cos(EVA-CLIP(generated), EVA-CLIP(reference))``.
+
+        Args:
+            images: ``(B, 3, H, W)`` generated images in ``[-1, 1]`` (differentiable).
+            references: ``(B, 3, h, w)`` reference photos in ``[0, 1]`` (no gradient).
+        """
+        img = self.image_encoder((images.float() + 1) / 2).float()
+        with torch.no_grad():
+            ref = self.image_encoder(references.float()).float()
+        return (1 - F.cosine_similarity(img, ref, dim=-1)).mean()

@@ -214,6 +214,10 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
+    diagnostics = {"train/id_valid", "train/kp_valid", "train/id_ran_fraction", "train/grad_norm_diff",
+                   "train/grad_norm_id", "train/grad_norm_clip", "train/grad_ratio_id_diff"}  # fmt: skip
+    assert diagnostics <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars("train/id_ran_fraction")][-1] == 1.0  # id_every_n_steps: 1
     assert acc.Tags()["images"]  # the sample grid
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
 
@@ -234,6 +238,7 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
 
 def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""
+    import os
     import subprocess
     import sys
 
@@ -243,7 +248,8 @@ def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "null",
            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.limit_val_batches", "0", "--model.sample_every_n_steps", "0"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Starting with 2 processes" in out.stderr + out.stdout
     assert "`Trainer.fit` stopped: `max_steps=3` reached." in out.stderr + out.stdout

@@ -229,3 +229,49 @@ def test_whole_frame_pose_is_coarse_for_a_small_person():
     assert float((whole[0, :3, :2] - truth).norm(dim=-1).max()) > 2 * float(
         (cropped[0, :3, :2] - truth).norm(dim=-1).max()
     )
+
+
+# ------------------------------------------------------------------------------- L_clip image half, diagnostics
+
+
+def _batch(shards, module, batch_size: int = 2) -> dict:
+    from bolid.data import PairDataset
+    from datapipe.shards import read_index
+
+    ds = PairDataset.from_index(read_index(shards), "train", train=False, resolution=64,
+                                crop_size=module.adapter.image_encoder.image_size, batch_size=batch_size)  # fmt: skip
+    return next(iter(ds))
+
+
+def test_clip_image_term_is_weighted_and_pulls_toward_the_reference(tiny_shards):
+    module = _module(w_clip_image=0.5, grad_norm_every_n_steps=1)
+    batch = _batch(tiny_shards, module)
+    out = module.id_losses(batch, torch.Generator().manual_seed(0))
+    assert set(out) >= {"loss_id", "loss_clip", "loss_clip_image", "id_valid", "kp_valid"}
+    # by value: the image term is 1 - cos of the EVA-CLIP embeddings of the generated images and the references
+    clip = module.clip_loss
+    gen = module.lightning_branch(module._identity(batch), batch["caption"], torch.Generator().manual_seed(0), 64, 2)
+    a = clip.image_encoder((gen + 1) / 2)
+    b = clip.image_encoder(batch["ref_image"])
+    torch.testing.assert_close(out["loss_clip_image"], (1 - torch.cosine_similarity(a, b, dim=-1)).mean())
+    # an image equal to the reference has no image loss; the off switch drops the term
+    torch.testing.assert_close(clip.image_loss(batch["ref_image"] * 2 - 1, batch["ref_image"]), torch.tensor(0.0),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    assert "loss_clip_image" not in _module().id_losses(batch, torch.Generator().manual_seed(0))
+
+
+def test_term_grad_norms_equal_separate_backward_passes(tiny_shards):
+    module = _module(w_clip_image=0.5)
+    batch = _batch(tiny_shards, module)
+    g = torch.Generator().manual_seed(0)
+    parts = {"loss_diff": module.diffusion_loss(batch, g)}
+    out = module.id_losses(batch, g)
+    parts.update({k: out[k] for k in ("loss_id", "loss_clip", "loss_clip_image")})
+    norms = module.term_grad_norms(parts)
+    params = list(module.trainable_named_parameters().values())
+    for name, weight in (("diff", 1.0), ("id", 0.3), ("clip", 0.1), ("clip_image", 0.5)):
+        module.zero_grad(set_to_none=True)
+        (weight * parts[f"loss_{name}"]).backward(retain_graph=True)
+        expected = torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None))
+        torch.testing.assert_close(norms[f"grad_norm_{name}"], expected, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(norms["grad_ratio_id_diff"], norms["grad_norm_id"] / norms["grad_norm_diff"])

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
+from bolid.body import BODY_INDICES
 from bolid.config import ComponentsConfig
 from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
@@ -70,6 +71,10 @@ class BoLIDTrainingModule(L.LightningModule):
         w_diff: weight of the diffusion loss.
         w_id: weight of the body-identity loss (stage 2).
         w_clip: weight of the EVA-CLIP text loss (stage 2).
+        w_clip_image: weight of the EVA-CLIP image loss ``1 - cos(EVA-CLIP(x_gen), EVA-CLIP(reference photo))``
+            (stage 2), the "overall style of the input image" half of the paper's ``L_clip``. Off by default: it
+            pulls the whole generated frame (background, clothes, framing) toward the reference photo, i.e.
+            toward copy-paste; see the README.
         id_pose_weight: weight of the optional keypoint-position term (same-pose training); 0 = proportions only.
         drop_text: probability of dropping the caption (zero text embedding).
         drop_face: probability of dropping the face vector.
@@ -91,6 +96,8 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_steps: sampler steps for the grid (the Lightning UNet's count when present).
         cache_dir: cache the frozen VAE's latent distributions and the text embeddings here
             (:mod:`bolid.train.cache`; best with ``data.random_crop: false``); ``null`` = off.
+        grad_norm_every_n_steps: every this many steps, log each weighted loss term's gradient norm on the
+            adapter and ``w_id·L_id`` / ``w_diff·L_diff`` (one extra backward pass per term); 0 = off.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class BoLIDTrainingModule(L.LightningModule):
         w_diff: float = 1.0,
         w_id: float = 0.0,
         w_clip: float = 0.0,
+        w_clip_image: float = 0.0,
         id_pose_weight: float = 0.0,
         drop_text: float = 0.05,
         drop_face: float = 0.05,
@@ -123,6 +131,7 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_every_n_steps: int = 0,
         sample_steps: int = 4,
         cache_dir: str | None = None,
+        grad_norm_every_n_steps: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -132,10 +141,16 @@ class BoLIDTrainingModule(L.LightningModule):
         for name in ("drop_text", "drop_face", "drop_body", "drop_all"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name} must be a probability in [0, 1], got {locals()[name]}")
-        if min(w_diff, w_id, w_clip, id_pose_weight) < 0:
-            raise ValueError("model.w_diff, model.w_id, model.w_clip and model.id_pose_weight must be >= 0")
-        if stage == 1 and (w_id > 0 or w_clip > 0):
-            raise ValueError("model.w_id / model.w_clip need the Lightning branch: set model.stage: 2")
+        if min(w_diff, w_id, w_clip, w_clip_image, id_pose_weight) < 0:
+            raise ValueError(
+                "model.w_diff, model.w_id, model.w_clip, model.w_clip_image and model.id_pose_weight must be >= 0"
+            )
+        if stage == 1 and (w_id > 0 or w_clip > 0 or w_clip_image > 0):
+            raise ValueError(
+                "model.w_id / model.w_clip / model.w_clip_image need the Lightning branch: set model.stage: 2"
+            )
+        if grad_norm_every_n_steps < 0:
+            raise ValueError(f"model.grad_norm_every_n_steps must be >= 0, got {grad_norm_every_n_steps}")
         if not 1 <= grad_steps <= lightning_steps:
             raise ValueError(f"model.grad_steps must be in [1, lightning_steps={lightning_steps}], got {grad_steps}")
         if frozen_dtype not in _DTYPES:
@@ -219,6 +234,7 @@ class BoLIDTrainingModule(L.LightningModule):
                 if unet is not None:
                     unet.enable_gradient_checkpointing()
         self._ema: dict[str, torch.Tensor] | None = None
+        self._id_counts = torch.zeros(3)  # steps, steps that ran the ID branch, steps with a valid L_id
         self.cache = None
         if hp.cache_dir:
             from bolid.train.cache import EncodingCache
@@ -425,9 +441,12 @@ class BoLIDTrainingModule(L.LightningModule):
         )
         kp = self.pose(images)
         l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
-        out = {"loss_id": l_id, "id_valid": valid.detach()}
+        body = kp[:, list(BODY_INDICES), 2].detach()
+        out = {"loss_id": l_id, "id_valid": valid.detach(), "kp_valid": (body >= hp.min_score).float().mean()}
         if hp.w_clip > 0:
             out["loss_clip"] = self.clip_loss(images, batch["caption"])
+        if hp.w_clip_image > 0:
+            out["loss_clip_image"] = self.clip_loss.image_loss(images, batch["ref_image"])
         return out
 
     # ------------------------------------------------------------------------------------------ steps
@@ -438,24 +457,54 @@ class BoLIDTrainingModule(L.LightningModule):
         # The captions and references are encoded once and shared by both branches.
         text, identity = self.encode_text(batch["caption"]), self._identity(batch)
         parts = {"loss_diff": self.diffusion_loss(batch, generator, text=text, identity=identity)}
-        loss = hp.w_diff * parts["loss_diff"]
         step = self.global_step
-        if hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0:
+        ran = hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0
+        diagnostics: dict[str, torch.Tensor | float] = {}
+        if ran:
             id_generator = self._generator(salt=1, batch_idx=batch_idx)
-            parts.update(self.id_losses(batch, id_generator, text=text, identity=identity))
-            loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
+            out = self.id_losses(batch, id_generator, text=text, identity=identity)
+            diagnostics.update({k: out.pop(k) for k in ("id_valid", "kp_valid")})
+            parts.update(out)
+        loss = sum(self._weights()[k] * v for k, v in parts.items())
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} ({values}); stopping. The last good checkpoint is kept "
                 "(resume with --ckpt_path last); lower model.lr or check the data."
             )
+        self._id_counts += torch.tensor([1.0, float(ran), float(ran and float(diagnostics["id_valid"]) > 0)])
+        diagnostics["id_ran_fraction"] = self._id_counts[1] / self._id_counts[0]
+        diagnostics["id_effective_fraction"] = self._id_counts[2] / self._id_counts[0]
+        if hp.grad_norm_every_n_steps and step % hp.grad_norm_every_n_steps == 0:
+            diagnostics.update(self.term_grad_norms(parts))
         bs = batch["pixels"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in parts.items():
+        for k, v in (parts | diagnostics).items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return loss
+
+    def _weights(self) -> dict[str, float]:
+        hp = self.hparams
+        return {"loss_diff": hp.w_diff, "loss_id": hp.w_id, "loss_clip": hp.w_clip, "loss_clip_image": hp.w_clip_image}
+
+    def term_grad_norms(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L2 norm of each *weighted* loss term's gradient on the adapter, and ``w_id·L_id`` over ``w_diff·L_diff``.
+
+        One extra backward pass per term (the graph is kept for the real one): a diagnostic, run every
+        ``grad_norm_every_n_steps`` steps. Returns ``grad_norm_<term>`` and ``grad_ratio_id_diff``.
+        """
+        params = [p for p in self.trainable_named_parameters().values() if p.requires_grad]
+        weights, out = self._weights(), {}
+        for name, value in parts.items():
+            if not weights[name] or not value.requires_grad:
+                continue
+            grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+            sq = sum((g.float() ** 2).sum() for g in grads if g is not None)
+            out[f"grad_norm_{name.removeprefix('loss_')}"] = torch.as_tensor(sq, dtype=torch.float32).sqrt()
+        if "grad_norm_id" in out and "grad_norm_diff" in out:
+            out["grad_ratio_id_diff"] = out["grad_norm_id"] / out["grad_norm_diff"].clamp(min=1e-12)
+        return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
@@ -533,6 +582,7 @@ class BoLIDTrainingModule(L.LightningModule):
         checkpoint["adapter_config"] = asdict(self.adapter.config)
         if self._ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self._ema.items()}
+        checkpoint["id_counts"] = self._id_counts.clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = set(self.trainable_named_parameters())
@@ -544,6 +594,8 @@ class BoLIDTrainingModule(L.LightningModule):
             )
         if "ema" in checkpoint:
             self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+        if "id_counts" in checkpoint:
+            self._id_counts = checkpoint["id_counts"].clone()
 
     def save_adapter(self, path: str | Path, ema: bool = False) -> Path:
         """Write the adapter folder (weights + settings); ``ema=True`` writes the EMA weights instead."""
