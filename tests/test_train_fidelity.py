@@ -65,7 +65,8 @@ def _write_pair_shard(path, photos) -> None:
     import hashlib
     import io
 
-    from datapipe.shards import ShardSample, sample_key, write_shard
+    from bolid.shards import ShardSample, sample_key
+    from datapipe.writer import write_shard
 
     samples = []
     for i, (image, kp, box) in enumerate(photos):
@@ -236,7 +237,7 @@ def test_whole_frame_pose_is_coarse_for_a_small_person():
 
 def _batch(shards, module, batch_size: int = 2) -> dict:
     from bolid.data import PairDataset
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     ds = PairDataset.from_index(read_index(shards), "train", train=False, resolution=64,
                                 crop_size=module.adapter.image_encoder.image_size, batch_size=batch_size)  # fmt: skip
