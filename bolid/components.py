@@ -33,6 +33,8 @@ __all__ = [
     "resolve",
     "load_sdxl",
     "load_lightning_unet",
+    "load_lightning_lora",
+    "apply_lightning_lora",
     "load_person_detector",
     "load_vitpose",
     "load_blip2",
@@ -76,6 +78,14 @@ COMPONENTS: dict[str, ComponentSpec] = {
             "SDXL-Lightning distilled UNet (epsilon prediction, trailing Euler)",
             "the file sdxl_lightning_4step_unet.safetensors, or a folder holding it",
             filename="sdxl_lightning_4step_unet.safetensors",
+        ),
+        ComponentSpec(
+            "sdxl_lightning_lora",
+            "ByteDance/SDXL-Lightning",
+            "diffusers",
+            "SDXL-Lightning as a LoRA on the SDXL base UNet (training: one resident UNet instead of two)",
+            "the file sdxl_lightning_4step_lora.safetensors, or a folder holding it",
+            filename="sdxl_lightning_4step_lora.safetensors",
         ),
         ComponentSpec(
             "person_detector",
@@ -239,6 +249,47 @@ def load_lightning_unet(base_unet, source: str | None = None):
             "sdxl_lightning_unet", str(path), f"checkpoint does not match the SDXL UNet ({len(missing)} missing keys)"
         )
     return unet
+
+
+#: The adapter name under which the SDXL-Lightning LoRA sits in the UNet (toggled with enable_lora / disable_lora).
+LIGHTNING_LORA = "lightning"
+
+
+def apply_lightning_lora(unet, lora: str | Path | dict, what: str = "sdxl_lightning_lora") -> None:
+    """Put an SDXL-Lightning LoRA into ``unet`` as adapter :data:`LIGHTNING_LORA`, switched *off*.
+
+    diffusers' own LoRA loading (``StableDiffusionXLPipeline.lora_state_dict`` converts the Kohya-style file that
+    ByteDance publishes, ``load_lora_into_unet`` injects it with PEFT); ``unet.enable_lora()`` / ``disable_lora()``
+    switch between SDXL-Lightning and the base UNet. The LoRA weights are frozen.
+
+    Args:
+        unet: the SDXL base ``UNet2DConditionModel``.
+        lora: a ``.safetensors`` file or a state dict in any format ``lora_state_dict`` reads.
+        what: the component name for error messages.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    state, alphas = _call(what, str(lora) if not isinstance(lora, dict) else "state dict",
+                          StableDiffusionXLPipeline.lora_state_dict, lora)  # fmt: skip
+    StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=LIGHTNING_LORA)
+    for name, p in unet.named_parameters():
+        if f".{LIGHTNING_LORA}." in name or name.endswith(f".{LIGHTNING_LORA}"):
+            p.requires_grad_(False)
+    unet.disable_lora()
+
+
+def load_lightning_lora(unet, source: str | None = None) -> None:
+    """Load the SDXL-Lightning LoRA (hub id or local file/folder) into ``unet``, switched off (see
+    :func:`apply_lightning_lora`). Fails at once with :class:`MissingWeightsError` when it is not available."""
+    spec = COMPONENTS["sdxl_lightning_lora"]
+    path = Path(resolve("sdxl_lightning_lora", source))
+    if path.is_dir():
+        path = path / spec.filename
+    if not path.exists():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(_call("sdxl_lightning_lora", str(path), hf_hub_download, str(path), spec.filename))
+    apply_lightning_lora(unet, path)
 
 
 def lightning_scheduler(scheduler):

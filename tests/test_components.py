@@ -22,6 +22,7 @@ def test_offline_missing_weights_fail_fast_with_a_clear_message(offline, name):
     loaders = {
         "sdxl": lambda: comp.load_sdxl(),
         "sdxl_lightning_unet": lambda: comp.load_lightning_unet(None),
+        "sdxl_lightning_lora": lambda: comp.load_lightning_lora(None),
         "person_detector": comp.load_person_detector,
         "vitpose": comp.load_vitpose,
         "blip2": comp.load_blip2,

@@ -276,3 +276,154 @@ def test_term_grad_norms_equal_separate_backward_passes(tiny_shards):
         expected = torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None))
         torch.testing.assert_close(norms[f"grad_norm_{name}"], expected, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(norms["grad_ratio_id_diff"], norms["grad_norm_id"] / norms["grad_norm_diff"])
+
+
+# ------------------------------------------------------------------- the Lightning branch against the stock pipeline
+
+
+def _coco_identity(module, fixtures):
+    """Face and body vectors (with gradients into the heads) of the COCO fixture's person; its face is visible."""
+    from bolid.crops import reference_crops
+
+    image, kp, box = _coco_person(fixtures, 0.25)
+    embeds = module.adapter.encode_crops(reference_crops(image, kp, box, module.adapter.image_encoder.image_size))
+    assert bool(embeds.face_visible.all())
+    return embeds
+
+
+def _stock(module, unet):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    p = module._prompt_pipe
+    scheduler = EulerDiscreteScheduler.from_config(module.sample_scheduler.config)
+    pipe = StableDiffusionXLPipeline(
+        vae=module.vae, text_encoder=module.text_encoder, text_encoder_2=module.text_encoder_2, tokenizer=p.tokenizer,
+        tokenizer_2=p.tokenizer_2, unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _stock_images(pipe, embeds, caption: str, seed: int, steps: int = 2, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn(1, 4, side, side, generator=g)  # as the branch draws them
+    with torch.no_grad():
+        out = pipe(prompt=[caption], height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                   latents=latents, ip_adapter_image_embeds=[e.detach() for e in embeds.image_embeds()],
+                   output_type="pt")  # fmt: skip
+    return out.images
+
+
+def test_lightning_branch_matches_the_stock_pipeline_and_reaches_every_trainable_group(fixtures):
+    module = _module()
+    embeds = _coco_identity(module, fixtures)
+    images = module.lightning_branch(embeds, ["a person on a beach"], torch.Generator().manual_seed(5), 64, 2, 1)
+    ours = (images / 2 + 0.5).clamp(0, 1)
+    theirs = _stock_images(_stock(module, module.lightning_unet), embeds, "a person on a beach", 5)
+    torch.testing.assert_close(ours.detach(), theirs, rtol=0, atol=1e-4)
+    images.square().mean().backward()
+    for group in (module.adapter.face_encoder, module.adapter.body_encoder, module.adapter.image_proj,
+                  module.adapter.processors):  # fmt: skip
+        grads = [p.grad for p in group.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), type(group).__name__
+
+
+# ------------------------------------------------------------------------------------- stage-2 memory options
+
+
+def test_lightning_lora_on_the_base_unet_matches_the_stock_pipeline_with_diffusers_lora(fixtures, tmp_path):
+    """model.lightning_weights: lora holds one UNet; the branch equals a stock pipeline that loaded the same LoRA
+    file with diffusers' load_lora_weights, and the diffusion loss still sees the plain base UNet."""
+    from safetensors.torch import save_file
+
+    from bolid.tiny import tiny_lightning_lora, tiny_sdxl_components
+
+    two = _module()
+    one = _module(lightning_weights="lora")
+    assert one.lightning_unet is None and one.lightning_lora
+
+    def frozen(module, part=None) -> int:  # parameters held by the module (or one part of it), the adapter's aside
+        mine = {id(p) for p in module.adapter.parameters()}
+        return sum(p.numel() for p in (part or module).parameters() if id(p) not in mine)
+
+    lora = sum(p.numel() for n, p in one.unet.named_parameters() if ".lightning." in n)
+    assert frozen(one) == frozen(two) - frozen(two, two.lightning_unet) + lora
+    assert lora < 0.2 * frozen(two, two.lightning_unet)
+    assert lora > 0 and not any(p.requires_grad for n, p in one.unet.named_parameters() if ".lightning." in n)
+
+    embeds = _coco_identity(one, fixtures)
+    images = one.lightning_branch(embeds, ["a person in a park"], torch.Generator().manual_seed(2), 64, 2, 1)
+    fresh = tiny_sdxl_components()["unet"]  # the same seeded base UNet, loaded the stock way
+    save_file(tiny_lightning_lora(fresh), tmp_path / "lora.safetensors")
+    pipe = _stock(one, fresh)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    one.adapter.install(fresh)
+    theirs = _stock_images(pipe, embeds, "a person in a park", 2)
+    torch.testing.assert_close((images / 2 + 0.5).clamp(0, 1).detach(), theirs, rtol=0, atol=1e-4)
+    # outside the branch the UNet is the base again (the LoRA is off), and the LoRA does change the output
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    text = torch.randn(1, 77, one.unet.config.cross_attention_dim)
+    added = one.adapter.unet_kwargs(embeds, x, added_cond_kwargs={
+        "text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})  # fmt: skip
+    base = tiny_sdxl_components()["unet"]
+    one.adapter.install(base)
+    with torch.no_grad():
+        off = one.unet(x, t, text, **added).sample
+        with one.lightning_lora_on():
+            on = one.unet(x, t, text, **added).sample
+        plain = base(x, t, text, **added).sample
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+    assert float((on - plain).abs().max()) > 1e-2
+    images.mean().backward(retain_graph=True)  # gradients through the LoRA-on UNet reach the adapter
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in one.adapter.processors.parameters())
+
+
+def test_lightning_lora_loads_by_path_and_fails_fast_offline(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from bolid import components as comp
+    from bolid.tiny import tiny_lightning_lora, tiny_sdxl_components
+
+    unet = tiny_sdxl_components()["unet"]
+    folder = tmp_path / "lightning"
+    folder.mkdir()
+    save_file(tiny_lightning_lora(unet), folder / comp.COMPONENTS["sdxl_lightning_lora"].filename)
+    comp.load_lightning_lora(unet, str(folder))  # a folder holding the file, as for the Lightning UNet
+    assert any(".lightning." in n for n, _ in unet.named_parameters())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("BOLID_SDXL_LIGHTNING_LORA", raising=False)
+    other = tiny_sdxl_components()["unet"]
+    import pytest
+
+    with pytest.raises(comp.MissingWeightsError, match="sdxl_lightning_lora.*ByteDance/SDXL-Lightning"):
+        comp.load_lightning_lora(other)
+    with pytest.raises(comp.MissingWeightsError, match="no such file"):
+        comp.load_lightning_lora(other, str(tmp_path / "nowhere.safetensors"))
+
+
+def test_vae_decoder_checkpointing_keeps_the_gradients_and_saves_activations(fixtures):
+    plain, ckpt = _module(), _module(vae_checkpointing=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    results = []
+    for module in (plain, ckpt):
+        x = latents.clone().requires_grad_(True)
+        saved = []
+        up_calls = []
+        hook = module.vae.decoder.up_blocks[0].register_forward_pre_hook(lambda *a, calls=up_calls: calls.append(1))
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            images = module.decode(x)
+        images.square().mean().backward()
+        hook.remove()
+        results.append((images.detach(), x.grad, sum(saved), len(up_calls)))
+    (img_a, grad_a, bytes_a, calls_a), (img_b, grad_b, bytes_b, calls_b) = results
+    torch.testing.assert_close(img_b, img_a)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7)
+    assert (calls_a, calls_b) == (1, 2)  # the up-blocks are recomputed in the backward pass
+    assert bytes_b < 0.5 * bytes_a, (bytes_a, bytes_b)

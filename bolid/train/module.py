@@ -32,6 +32,7 @@ resumed run continues exactly where the killed one would have gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -98,6 +99,11 @@ class BoLIDTrainingModule(L.LightningModule):
             (:mod:`bolid.train.cache`; best with ``data.random_crop: false``); ``null`` = off.
         grad_norm_every_n_steps: every this many steps, log each weighted loss term's gradient norm on the
             adapter and ``w_id·L_id`` / ``w_diff·L_diff`` (one extra backward pass per term); 0 = off.
+        lightning_weights: how the Lightning branch gets SDXL-Lightning: ``unet`` = the distilled UNet as a second
+            resident UNet; ``lora`` = ByteDance's SDXL-Lightning LoRA on the base UNet, switched on only inside the
+            branch (one UNet fewer in memory: ~5 GB in bf16).
+        vae_checkpointing: recompute the VAE decoder's activations in the backward pass of the branch (stage 2's
+            largest activation memory at 1024 px; see the README).
     """
 
     def __init__(
@@ -132,6 +138,8 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_steps: int = 4,
         cache_dir: str | None = None,
         grad_norm_every_n_steps: int = 0,
+        lightning_weights: str = "unet",
+        vae_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -149,6 +157,8 @@ class BoLIDTrainingModule(L.LightningModule):
             raise ValueError(
                 "model.w_id / model.w_clip / model.w_clip_image need the Lightning branch: set model.stage: 2"
             )
+        if lightning_weights not in ("unet", "lora"):
+            raise ValueError(f"model.lightning_weights must be 'unet' or 'lora', got {lightning_weights!r}")
         if grad_norm_every_n_steps < 0:
             raise ValueError(f"model.grad_norm_every_n_steps must be >= 0, got {grad_norm_every_n_steps}")
         if not 1 <= grad_steps <= lightning_steps:
@@ -189,10 +199,12 @@ class BoLIDTrainingModule(L.LightningModule):
         self.lightning_unet = None
         self.pose = None
         self.clip_loss = None
-        if hp.stage == 2 or hp.sample_every_n_steps:
+        self.lightning_lora = False  # SDXL-Lightning as a LoRA in self.unet, switched on only in the branch
+        wants_lightning = hp.stage == 2 or (hp.sample_every_n_steps and (tiny_kit or hp.lightning_weights == "lora"))
+        if wants_lightning and hp.lightning_weights == "unet":
             if tiny_kit:
                 self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
-            elif hp.stage == 2:
+            else:
                 self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
         self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
         if hp.stage == 2:
@@ -212,6 +224,13 @@ class BoLIDTrainingModule(L.LightningModule):
             self.adapter = BodyConditionModule(
                 self.unet, image_encoder, AdapterConfig.from_dict(adapter_settings or {})
             )
+        if wants_lightning and hp.lightning_weights == "lora":
+            # After the adapter is built: its low-rank K/V stay relative to the base to_k / to_v, as with the UNet.
+            if tiny_kit:
+                comp.apply_lightning_lora(self.unet, tiny.tiny_lightning_lora(self.unet))
+            else:
+                comp.load_lightning_lora(self.unet, self.cfg.source("sdxl_lightning_lora"))
+            self.lightning_lora = True
         # Freeze everything and cast only the frozen modules, *before* the adapter goes into the UNets: a cast
         # after install would round the trainable weights (they live inside the UNet then) to frozen_dtype.
         self.requires_grad_(False)
@@ -233,6 +252,8 @@ class BoLIDTrainingModule(L.LightningModule):
             for unet in (self.unet, self.lightning_unet):
                 if unet is not None:
                     unet.enable_gradient_checkpointing()
+        if hp.vae_checkpointing:
+            self.vae.enable_gradient_checkpointing()  # the decoder recomputes each up-block in the backward pass
         self._ema: dict[str, torch.Tensor] | None = None
         self._id_counts = torch.zeros(3)  # steps, steps that ran the ID branch, steps with a valid L_id
         self.cache = None
@@ -370,6 +391,15 @@ class BoLIDTrainingModule(L.LightningModule):
         pred = self._unet(self.unet, noisy, t, text, pooled, batch["time_ids"], embeds)
         return F.mse_loss(pred, target.float())
 
+    @contextlib.contextmanager
+    def lightning_lora_on(self):
+        """Inside: ``self.unet`` is SDXL-Lightning (its LoRA on); outside it is the SDXL base UNet."""
+        self.unet.enable_lora()
+        try:
+            yield self.unet
+        finally:
+            self.unet.disable_lora()
+
     def lightning_branch(
         self,
         embeds: IdentityEmbeds,
@@ -389,6 +419,10 @@ class BoLIDTrainingModule(L.LightningModule):
         """
         from diffusers import EulerDiscreteScheduler
 
+        if unet is None and self.lightning_lora:
+            with self.lightning_lora_on():
+                return self.lightning_branch(embeds, captions, generator, resolution, steps, grad_steps, self.unet,
+                                             guidance, text)  # fmt: skip
         unet = unet or self.lightning_unet or self.unet
         b = len(captions)
         scheduler = EulerDiscreteScheduler.from_config(self.sample_scheduler.config)
