@@ -427,3 +427,178 @@ def test_vae_decoder_checkpointing_keeps_the_gradients_and_saves_activations(fix
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7)
     assert (calls_a, calls_b) == (1, 2)  # the up-blocks are recomputed in the backward pass
     assert bytes_b < 0.5 * bytes_a, (bytes_a, bytes_b)
+
+
+# ------------------------------------------------------------------------------------- the ID chain by value
+
+
+def test_soft_argmax_by_value():
+    from bolid.losses import soft_argmax
+
+    h, w = 16, 12
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    blob = torch.exp(-((xs - 5.3) ** 2 + (ys - 7.6) ** 2) / (2 * 2.0**2))  # a ViTPose-like peak (sigma 2)
+    delta = torch.zeros(h, w, dtype=torch.float64)
+    delta[4, 3] = 0.8
+    twin = torch.zeros(h, w, dtype=torch.float64)
+    twin[6, 2] = twin[6, 8] = 1.0
+    maps = torch.stack([blob, delta, twin])[None].float().requires_grad_(True)  # (1, 3, h, w)
+    xy, conf = soft_argmax(maps)
+    # beta = 50 on a sigma-2 peak is close to a hard argmax: it leans toward the nearest heatmap pixel by 0.21 px
+    torch.testing.assert_close(xy[0, 0], torch.tensor([5.3, 7.6]), atol=0.25, rtol=0)
+    xy_soft, _ = soft_argmax(maps.detach(), beta=5.0)  # a softer one is sub-pixel (the background pulls a little)
+    torch.testing.assert_close(xy_soft[0, 0], torch.tensor([5.3, 7.6]), atol=0.05, rtol=0)
+    torch.testing.assert_close(xy[0, 1], torch.tensor([3.0, 4.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(xy[0, 2], torch.tensor([5.0, 6.0]), atol=1e-6, rtol=0)  # two equal peaks: midway
+    torch.testing.assert_close(conf[0], torch.tensor([float(blob.max()), 0.8, 1.0]))
+    xy[0, 0, 0].backward()  # raising the heatmap right of the peak moves x right
+    g = maps.grad[0, 0]
+    assert float(g[8, 7]) > 0 > float(g[8, 4])
+
+
+def test_pose_crop_region_and_keypoint_mapping_by_value():
+    from types import SimpleNamespace
+
+    from bolid.losses import DifferentiablePose, pose_input_boxes
+
+    # a 100 x 100 box grows to ViTPose's 3:4 (100 x 133.3), then by 1.25, around its centre (60, 250)
+    region = pose_input_boxes(torch.tensor([[10.0, 200.0, 110.0, 300.0]]), (256, 192))
+    torch.testing.assert_close(region, torch.tensor([[60 - 62.5, 250 - 250 / 3, 60 + 62.5, 250 + 250 / 3]]))
+    wide = pose_input_boxes(torch.tensor([[0.0, 0.0, 300.0, 100.0]]), (256, 192))  # too wide: grows in height
+    torch.testing.assert_close(wide, torch.tensor([[150 - 187.5, 50 - 250.0, 150 + 187.5, 50 + 250.0]]))
+
+    class Peak(torch.nn.Module):  # heatmaps with one peak at heatmap pixel (x=10, y=40), whatever the input
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, pixel_values):
+            maps = torch.zeros(pixel_values.shape[0], 17, 64, 48)
+            maps[:, :, 40, 10] = 1.0
+            return SimpleNamespace(heatmaps=maps + 0 * pixel_values.mean())
+
+    proc = SimpleNamespace(size={"height": 256, "width": 192}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    pose = DifferentiablePose(Peak(), proc)
+    kp = pose(torch.zeros(1, 3, 400, 400), torch.tensor([[10.0, 200.0, 110.0, 300.0]]))
+    # heatmap pixel centre (10.5, 40.5) of 48 x 64 -> region (125 x 166.7 px from (-2.5, 166.7))
+    expected = torch.tensor([-2.5 + 10.5 * 125 / 48, 250 - 250 / 3 + 40.5 * (500 / 3) / 64])
+    torch.testing.assert_close(kp[0, 0, :2], expected)
+
+
+def _skeleton(scale: float = 1.0, shift=(0.0, 0.0), left_forearm: float = 25.0) -> torch.Tensor:
+    """COCO-17 keypoints of a hand-built body: torso 100, upper arm 30, forearm 25, thigh 45, shin 45, shoulder
+    and hip width 40 (proportions 0.3, 0.25, 0.45, 0.45, 0.4, 0.4); face points at score 0."""
+    kp = torch.zeros(17, 3)
+    for side, x in ((0, -20.0), (1, 20.0)):
+        forearm = left_forearm if side == 0 else 25.0
+        for idx, y in ((5, 0.0), (7, 30.0), (9, 30.0 + forearm), (11, 100.0), (13, 145.0), (15, 190.0)):
+            kp[idx + side] = torch.tensor([x, y, 1.0])
+    kp[:, :2] = kp[:, :2] * scale + torch.tensor(shift)
+    return kp[None]
+
+
+def test_body_identity_loss_by_value():
+    from bolid.losses import body_identity_loss
+
+    ref = _skeleton()
+    # the same build at another scale and place: no loss, every feature valid
+    loss, valid = body_identity_loss(_skeleton(3.0, (400.0, 50.0)), ref)
+    assert float(loss) < 1e-10 and float(valid) == 1.0
+    # a left forearm of 35 instead of 25: forearm ratio (35 + 25) / 2 / 100 = 0.30 vs 0.25 -> 0.05^2 over 6 features
+    gen = _skeleton(3.0, (400.0, 50.0), left_forearm=35.0).requires_grad_(True)
+    loss, valid = body_identity_loss(gen, ref)
+    torch.testing.assert_close(loss, torch.tensor(0.05**2 / 6))
+    loss.backward()
+    # d loss / d y(left wrist) = 2 * 0.05 / 6 * (1/2 side average) / (torso 300 px)
+    torch.testing.assert_close(gen.grad[0, 9, 1], torch.tensor(2 * 0.05 / 6 / 2 / 300))
+    assert float(gen.grad[..., 2].abs().sum()) == 0  # the confidence is a detached mask
+    # both ankles unsure in the generated image: the shin is masked, 5 of 6 features remain
+    low = _skeleton(3.0, (400.0, 50.0), left_forearm=35.0)
+    low[0, 15:17, 2] = 0.1
+    loss, valid = body_identity_loss(low, ref)
+    torch.testing.assert_close(loss, torch.tensor(0.05**2 / 5))
+    torch.testing.assert_close(valid, torch.tensor(5 / 6))
+
+
+def test_clip_text_loss_by_value():
+    from PIL import Image
+
+    from bolid.image_encoder import ClipImageEncoder
+    from bolid.losses import ClipTextLoss
+    from bolid.tiny import TINY_EVA_CLIP, tiny_eva_clip
+
+    model, preprocess, tokenizer = tiny_eva_clip()
+    loss_fn = ClipTextLoss(ClipImageEncoder(model, TINY_EVA_CLIP), model, tokenizer)
+    size = loss_fn.image_encoder.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(1, 3, size, size, generator=g) * 255).round() / 255
+    pil = Image.fromarray((pixels[0].permute(1, 2, 0) * 255).round().byte().numpy())
+    captions = ["a person on a beach"]
+    # open_clip's own preprocessing and towers: 1 - cos(image, text)
+    with torch.no_grad():
+        img = model.encode_image(preprocess(pil)[None])
+        txt = model.encode_text(tokenizer(captions))
+    expected = 1 - torch.cosine_similarity(img, txt)[0]
+    images = (pixels * 2 - 1).requires_grad_(True)  # the loss takes [-1, 1] images, as the VAE decodes them
+    loss = loss_fn(images, captions)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=0)
+    # differentiable in the image: a few gradient steps on the pixels lower it
+    x = images.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        value = loss_fn(x, captions)
+        value.backward()
+        opt.step()
+    assert float(loss_fn(x, captions)) < float(loss) - 0.01
+
+
+# ----------------------------------------------------------------------------------------- mid-epoch resume
+
+
+class _Kill(__import__("lightning").Callback):
+    """Crash the run at the start of a given step (after that step's checkpoint was written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def _fit(tmp, shards, max_steps: int, ckpt_path=None, kill_at=None) -> dict[str, torch.Tensor]:
+    import lightning as L
+
+    from bolid.train.datamodule import PairDataModule
+
+    L.seed_everything(0)
+    module = _module(ema_decay=0.9, w_clip_image=0.1)
+    dm = PairDataModule(str(shards), resolution=64, batch_size=1, num_workers=0, shuffle_buffer=4, resampled=True,
+                        epoch_pairs=8)  # fmt: skip
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=3, save_top_k=-1)
+    callbacks = [ckpt] + ([_Kill(kill_at)] if kill_at is not None else [])
+    trainer = L.Trainer(max_steps=max_steps, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, deterministic=True, default_root_dir=tmp,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    assert dm._datasets["train"].batches_per_epoch > max_steps  # all of it inside the first epoch
+    return {k: v.detach().clone() for k, v in module.trainable_named_parameters().items()} | {
+        f"ema.{k}": v for k, v in (module.ema_state_dict() or {}).items()
+    }
+
+
+@__import__("pytest").mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_exactly_the_same_weights(tiny_shards, tmp_path):
+    """Stage 2 (all losses, EMA): killed after step 3's checkpoint, resumed, stopped at step 5 of the same epoch."""
+    import pytest
+
+    straight = _fit(tmp_path / "a", tiny_shards, 5)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(tmp_path / "b", tiny_shards, 5, kill_at=4)
+    ckpt = tmp_path / "b" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    resumed = _fit(tmp_path / "b", tiny_shards, 5, ckpt_path=str(ckpt))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
