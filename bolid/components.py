@@ -35,6 +35,7 @@ __all__ = [
     "load_lightning_unet",
     "load_lightning_lora",
     "apply_lightning_lora",
+    "set_lora_enabled",
     "load_person_detector",
     "load_vitpose",
     "load_blip2",
@@ -259,8 +260,8 @@ def apply_lightning_lora(unet, lora: str | Path | dict, what: str = "sdxl_lightn
     """Put an SDXL-Lightning LoRA into ``unet`` as adapter :data:`LIGHTNING_LORA`, switched *off*.
 
     diffusers' own LoRA loading (``StableDiffusionXLPipeline.lora_state_dict`` converts the Kohya-style file that
-    ByteDance publishes, ``load_lora_into_unet`` injects it with PEFT); ``unet.enable_lora()`` / ``disable_lora()``
-    switch between SDXL-Lightning and the base UNet. The LoRA weights are frozen.
+    ByteDance publishes, ``load_lora_into_unet`` injects it with PEFT); :func:`set_lora_enabled` switches between
+    SDXL-Lightning and the base UNet. The LoRA weights are frozen.
 
     Args:
         unet: the SDXL base ``UNet2DConditionModel``.
@@ -272,10 +273,22 @@ def apply_lightning_lora(unet, lora: str | Path | dict, what: str = "sdxl_lightn
     state, alphas = _call(what, str(lora) if not isinstance(lora, dict) else "state dict",
                           StableDiffusionXLPipeline.lora_state_dict, lora)  # fmt: skip
     StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=LIGHTNING_LORA)
-    for name, p in unet.named_parameters():
-        if f".{LIGHTNING_LORA}." in name or name.endswith(f".{LIGHTNING_LORA}"):
-            p.requires_grad_(False)
-    unet.disable_lora()
+    set_lora_enabled(unet, False)
+
+
+def set_lora_enabled(module, enabled: bool) -> None:
+    """Switch the LoRA layers inside ``module`` on or off, keeping their weights frozen.
+
+    Like ``unet.enable_lora()`` / ``disable_lora()`` (PEFT's ``enable_adapters``), which would also make the LoRA
+    weights trainable, but for any submodule: gradient checkpointing calls it per recomputed block.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+            for name in m.adapter_layer_names:
+                getattr(m, name).requires_grad_(False)
 
 
 def load_lightning_lora(unet, source: str | None = None) -> None:

@@ -602,3 +602,52 @@ def test_a_run_killed_mid_epoch_resumes_to_exactly_the_same_weights(tiny_shards,
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(resumed[k], straight[k]), k
+
+
+# ------------------------------------------------------------------------- the real configs on the tiny kit
+
+
+@__import__("pytest").mark.slow
+@__import__("pytest").mark.parametrize("name", ["stage1.yaml", "stage2.yaml"])
+def test_stage_configs_run_on_the_tiny_kit(name, tiny_shards, tmp_path, monkeypatch):
+    """configs/stage{1,2}.yaml with their own defaults (bf16 frozen weights, bf16-mixed, checkpointing; stage 2's
+    Lightning LoRA, VAE checkpointing, k = 2, gradient-norm diagnostics) for two steps, swapped to the tiny kit
+    and small images only."""
+    from pathlib import Path
+
+    from bolid.train.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / name
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--model.components", "tiny", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+            "--trainer.callbacks", "null", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_progress_bar", "false", "--model.sample_every_n_steps", "0", "--model.init_adapter",
+            "null", "--data.shards", str(tiny_shards), "--data.resolution", "64", "--data.batch_size", "1",
+            "--data.num_workers", "0", "--data.epoch_pairs", "4", "--model.grad_norm_every_n_steps", "1"]  # fmt: skip
+    if name == "stage2.yaml":
+        args += ["--model.branch_resolution", "64", "--model.lightning_steps", "2"]
+    assert main(args) == 0
+
+
+def test_gradient_checkpointing_with_the_lightning_lora_gives_the_same_gradients(fixtures):
+    """One backward pass recomputes both the L_diff UNet (LoRA off) and the branch UNet (LoRA on): each block is
+    recomputed with the LoRA as it was in its forward pass, so the gradients equal the un-checkpointed ones."""
+    grads, state = [], None
+    for ckpt in (False, True):
+        module = _module(lightning_weights="lora", gradient_checkpointing=ckpt)
+        if state is None:
+            state = {k: v.clone() for k, v in module.adapter.adapter_state_dict().items()}
+        module.adapter.load_state_dict(state, strict=False)
+        embeds = _coco_identity(module, fixtures)
+        images = module.lightning_branch(embeds, ["a person"], torch.Generator().manual_seed(0), 64, 2, 2)
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        text = torch.randn(1, 77, module.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+        diff = module._unet(module.unet, x, torch.tensor([300]), text, added["text_embeds"], added["time_ids"], embeds)
+        (images.square().mean() + diff.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in module.trainable_named_parameters().items() if p.grad is not None})
+        assert not any(p.requires_grad for n, p in module.unet.named_parameters() if ".lightning." in n)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-7, msg=k)

@@ -40,6 +40,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
 from bolid.body import BODY_INDICES
@@ -248,10 +249,14 @@ class BoLIDTrainingModule(L.LightningModule):
         for p in self.adapter.trainable_parameters():
             assert p.dtype == torch.float32, "trainable weights must stay in fp32"
             p.requires_grad_(True)
+        self._lora_on = False
         if hp.gradient_checkpointing:
-            for unet in (self.unet, self.lightning_unet):
-                if unet is not None:
-                    unet.enable_gradient_checkpointing()
+            if self.lightning_lora:
+                self.unet.enable_gradient_checkpointing(self._checkpoint_lora_aware)
+            else:
+                self.unet.enable_gradient_checkpointing()
+            if self.lightning_unet is not None:
+                self.lightning_unet.enable_gradient_checkpointing()
         if hp.vae_checkpointing:
             self.vae.enable_gradient_checkpointing()  # the decoder recomputes each up-block in the backward pass
         self._ema: dict[str, torch.Tensor] | None = None
@@ -394,11 +399,34 @@ class BoLIDTrainingModule(L.LightningModule):
     @contextlib.contextmanager
     def lightning_lora_on(self):
         """Inside: ``self.unet`` is SDXL-Lightning (its LoRA on); outside it is the SDXL base UNet."""
-        self.unet.enable_lora()
+        from bolid.components import set_lora_enabled
+
+        set_lora_enabled(self.unet, True)
+        self._lora_on = True
         try:
             yield self.unet
         finally:
-            self.unet.disable_lora()
+            set_lora_enabled(self.unet, False)
+            self._lora_on = False
+
+    def _checkpoint_lora_aware(self, block, *args):
+        """Gradient checkpointing for a UNet that toggles its LoRA: the backward pass recomputes ``block`` with the
+        LoRA switched as it was in the forward pass (the ``L_diff`` pass without it, the Lightning branch with it),
+        whatever the switch says when the recomputation runs."""
+        from bolid.components import set_lora_enabled
+
+        on = self._lora_on
+
+        def run(*inputs):
+            if on == self._lora_on:
+                return block(*inputs)
+            set_lora_enabled(block, on)
+            try:
+                return block(*inputs)
+            finally:
+                set_lora_enabled(block, self._lora_on)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
     def lightning_branch(
         self,
