@@ -16,24 +16,19 @@ What it does not count: the CUDA allocator's fragmentation and workspace, tempor
 the backward pass, the text-encoder and EVA-CLIP forward passes (no gradients), ViTPose's activations (a 256 x
 192 crop, small). It is an estimate, to be checked with ``torch.cuda.max_memory_allocated`` on a GPU.
 
-    python bench/bench_stage2_memory.py                 # defaults: 1024 px branch and target, batch 2, k = 2
-    python bench/bench_stage2_memory.py --branch 768 --k 1
+    python -m bench.bench_stage2_memory                 # defaults: 1024 px branch and target, batch 2, k = 2
+    python -m bench.bench_stage2_memory --branch 768 --k 1
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_adapter import EVA, SDXL_UNET  # noqa: E402
-from bolid.adapter import BodyConditionModule  # noqa: E402
-from bolid.image_encoder import ClipImageEncoder  # noqa: E402
+from bench.bench_adapter import EVA, SDXL_UNET
+from bolid.adapter import BodyConditionModule
+from bolid.image_encoder import ClipImageEncoder
 
 GB = 1e9
 #: SDXL base 1.0's VAE config (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json).

@@ -91,9 +91,9 @@ def test_training_and_inference_give_the_same_reference_vectors(fixtures, tmp_pa
     from bolid.data import PairDataset, batch_crops
     from bolid.image_encoder import ClipImageEncoder
     from bolid.images import load_image
+    from bolid.kits.tiny import tiny_sdxl_components
     from bolid.pose import Person
     from bolid.reference import Reference, encode_references
-    from bolid.tiny import tiny_sdxl_components
 
     image, kp, box = _coco_person(fixtures, 2.5)  # 1600 x 1062
     flipped = image.transpose(0)
@@ -337,7 +337,7 @@ def test_lightning_lora_on_the_base_unet_matches_the_stock_pipeline_with_diffuse
     file with diffusers' load_lora_weights, and the diffusion loss still sees the plain base UNet."""
     from safetensors.torch import save_file
 
-    from bolid.tiny import tiny_lightning_lora, tiny_sdxl_components
+    from bolid.kits.tiny import tiny_lightning_lora, tiny_sdxl_components
 
     two = _module()
     one = _module(lightning_weights="lora")
@@ -383,13 +383,13 @@ def test_lightning_lora_loads_by_path_and_fails_fast_offline(tmp_path, monkeypat
     from safetensors.torch import save_file
 
     from bolid import components as comp
-    from bolid.tiny import tiny_lightning_lora, tiny_sdxl_components
+    from bolid.kits.tiny import tiny_lightning_lora, tiny_sdxl_components
 
     unet = tiny_sdxl_components()["unet"]
     folder = tmp_path / "lightning"
     folder.mkdir()
     save_file(tiny_lightning_lora(unet), folder / comp.COMPONENTS["sdxl_lightning_lora"].filename)
-    comp.load_lightning_lora(unet, str(folder))  # a folder holding the file, as for the Lightning UNet
+    comp.load("sdxl_lightning_lora", "real", str(folder), unet=unet)  # a folder holding the file
     assert any(".lightning." in n for n, _ in unet.named_parameters())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -398,9 +398,9 @@ def test_lightning_lora_loads_by_path_and_fails_fast_offline(tmp_path, monkeypat
     import pytest
 
     with pytest.raises(comp.MissingWeightsError, match="sdxl_lightning_lora.*ByteDance/SDXL-Lightning"):
-        comp.load_lightning_lora(other)
+        comp.load("sdxl_lightning_lora", "real", unet=other)
     with pytest.raises(comp.MissingWeightsError, match="no such file"):
-        comp.load_lightning_lora(other, str(tmp_path / "nowhere.safetensors"))
+        comp.load("sdxl_lightning_lora", "real", str(tmp_path / "nowhere.safetensors"), unet=other)
 
 
 def test_vae_decoder_checkpointing_keeps_the_gradients_and_saves_activations(fixtures):
@@ -524,8 +524,8 @@ def test_clip_text_loss_by_value():
     from PIL import Image
 
     from bolid.image_encoder import ClipImageEncoder
+    from bolid.kits.tiny import TINY_EVA_CLIP, tiny_eva_clip
     from bolid.losses import ClipTextLoss
-    from bolid.tiny import TINY_EVA_CLIP, tiny_eva_clip
 
     model, preprocess, tokenizer = tiny_eva_clip()
     loss_fn = ClipTextLoss(ClipImageEncoder(model, TINY_EVA_CLIP), model, tokenizer)
@@ -610,14 +610,14 @@ def test_a_run_killed_mid_epoch_resumes_to_exactly_the_same_weights(tiny_shards,
 @__import__("pytest").mark.slow
 @__import__("pytest").mark.parametrize("name", ["stage1.yaml", "stage2.yaml"])
 def test_stage_configs_run_on_the_tiny_kit(name, tiny_shards, tmp_path, monkeypatch):
-    """configs/stage{1,2}.yaml with their own defaults (bf16 frozen weights, bf16-mixed, checkpointing; stage 2's
+    """configs/fit/stage{1,2}.yaml with their own defaults (bf16 frozen weights, bf16-mixed, checkpointing; stage 2's
     Lightning LoRA, VAE checkpointing, k = 2, gradient-norm diagnostics) for two steps, swapped to the tiny kit
     and small images only."""
     from pathlib import Path
 
     from bolid.train.cli import main
 
-    config = Path(__file__).resolve().parents[1] / "configs" / name
+    config = Path(__file__).resolve().parents[1] / "configs" / "fit" / name
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(config), "--model.components", "tiny", "--trainer.accelerator", "cpu",
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",

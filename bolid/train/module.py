@@ -19,7 +19,7 @@ model): (1) ``L_diff`` stays on in every step, so a degraded generator is still 
 photos; (2) the ID terms compare *pose-invariant proportions* by default, which a blur cannot fake
 (blurred keypoints lose confidence and are masked out, and the mask is detached); (3) the ID branch
 runs only every ``id_every_n_steps`` steps and only after ``id_start_step``, once the adapter gives
-useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/stage2.yaml`` keep the ID
+useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/fit/stage2.yaml`` keep the ID
 terms below the diffusion loss, as PuLID weights its alignment losses; (5) evaluation measures Body
 Sim with a *different* pose model (BlazePose).
 
@@ -47,6 +47,7 @@ from bolid.body import BODY_INDICES
 from bolid.config import ComponentsConfig
 from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
+from bolid.lightning_lora import set_lora_enabled
 from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
 
 log = logging.getLogger(__name__)
@@ -179,40 +180,26 @@ class BoLIDTrainingModule(L.LightningModule):
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
         from bolid import components as comp
-        from bolid import tiny
 
         hp = self.hparams
-        tiny_kit = self.cfg.tiny
-        if tiny_kit:
-            parts = tiny.tiny_sdxl_components()
-            eva, _, eva_tok = tiny.tiny_eva_clip()
-            eva_name = tiny.TINY_EVA_CLIP
-        else:
-            parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
-            eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
-            eva_name = self.cfg.source("eva_clip") or comp.COMPONENTS["eva_clip"].default
-        self.unet = parts["unet"]
-        self.vae = parts["vae"]
-        self.text_encoder = parts["text_encoder"]
-        self.text_encoder_2 = parts["text_encoder_2"]
-        self._prompt_pipe = StableDiffusionXLPipeline(**{**parts, "image_encoder": None, "feature_extractor": None})
-        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-        self.lightning_unet = None
+        wants_lightning = hp.stage == 2 or bool(hp.sample_every_n_steps)
+        parts = comp.build_parts(self.cfg, lightning=wants_lightning and hp.lightning_weights == "unet")
+        eva, _, eva_tok, eva_name = parts.eva_clip
+        self.unet = parts.sdxl["unet"]
+        self.vae = parts.sdxl["vae"]
+        self.text_encoder = parts.sdxl["text_encoder"]
+        self.text_encoder_2 = parts.sdxl["text_encoder_2"]
+        self._prompt_pipe = StableDiffusionXLPipeline(
+            **{**parts.sdxl, "image_encoder": None, "feature_extractor": None}
+        )
+        self.noise_scheduler = DDPMScheduler.from_config(parts.sdxl["scheduler"].config)
+        self.lightning_unet = parts.lightning_unet
         self.pose = None
         self.clip_loss = None
         self.lightning_lora = False  # SDXL-Lightning as a LoRA in self.unet, switched on only in the branch
-        wants_lightning = hp.stage == 2 or (hp.sample_every_n_steps and (tiny_kit or hp.lightning_weights == "lora"))
-        if wants_lightning and hp.lightning_weights == "unet":
-            if tiny_kit:
-                self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
-            else:
-                self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
-        self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
+        self.sample_scheduler = comp.lightning_scheduler(parts.sdxl["scheduler"])
         if hp.stage == 2:
-            if tiny_kit:
-                pose_model, pose_proc = tiny.tiny_vitpose()
-            else:
-                pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
+            pose_model, pose_proc = comp.load("vitpose", self.cfg)
             self.pose = DifferentiablePose(pose_model, pose_proc, min_score=hp.min_score)
         image_encoder = ClipImageEncoder(eva, eva_name)
         if hp.stage == 2:
@@ -227,10 +214,7 @@ class BoLIDTrainingModule(L.LightningModule):
             )
         if wants_lightning and hp.lightning_weights == "lora":
             # After the adapter is built: its low-rank K/V stay relative to the base to_k / to_v, as with the UNet.
-            if tiny_kit:
-                comp.apply_lightning_lora(self.unet, tiny.tiny_lightning_lora(self.unet))
-            else:
-                comp.load_lightning_lora(self.unet, self.cfg.source("sdxl_lightning_lora"))
+            comp.load("sdxl_lightning_lora", self.cfg, unet=self.unet)
             self.lightning_lora = True
         # Freeze everything and cast only the frozen modules, *before* the adapter goes into the UNets: a cast
         # after install would round the trainable weights (they live inside the UNet then) to frozen_dtype.
@@ -399,8 +383,6 @@ class BoLIDTrainingModule(L.LightningModule):
     @contextlib.contextmanager
     def lightning_lora_on(self):
         """Inside: ``self.unet`` is SDXL-Lightning (its LoRA on); outside it is the SDXL base UNet."""
-        from bolid.components import set_lora_enabled
-
         set_lora_enabled(self.unet, True)
         self._lora_on = True
         try:
@@ -413,8 +395,6 @@ class BoLIDTrainingModule(L.LightningModule):
         """Gradient checkpointing for a UNet that toggles its LoRA: the backward pass recomputes ``block`` with the
         LoRA switched as it was in the forward pass (the ``L_diff`` pass without it, the Lightning branch with it),
         whatever the switch says when the recomputation runs."""
-        from bolid.components import set_lora_enabled
-
         on = self._lora_on
 
         def run(*inputs):
