@@ -11,7 +11,8 @@ A :class:`Reference` is one photo and the person in it that BoLID conditions on,
 :func:`encode_references` combines several references of one person by the **mean of their embedding
 vectors**, per modality (:meth:`bolid.adapter.IdentityEmbeds.mean`): the face vector averages the
 references whose face is visible, the body vector averages all of them. The result is one face vector
-and one body vector, i.e. the same number of tokens as a single reference.
+and one body vector, i.e. the same number of tokens as a single reference. The face and person crops come
+from :func:`bolid.crops.reference_crops`, the function the training data loader uses too.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ Objective (paper draft; PuLID's Lightning-branch recipe for the ID terms)::
   dropped at random for classifier-free guidance (text, face, body, or all at once); a dropped
   face or body is the zero vector with its attention term on, exactly the negative that CFG uses at
   inference (a face that is not visible is masked out instead, in training and at inference alike).
-* ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch generates from pure noise with
-  the same adapter and the target's caption, keeping gradients only through the last ``grad_steps``
-  of its ``lightning_steps`` Euler steps; the VAE decodes, then ViTPose with a soft-argmax reads the
-  body (:class:`bolid.losses.DifferentiablePose`) and EVA-CLIP scores the text (:class:`bolid.losses.ClipTextLoss`).
+* ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch (the distilled UNet, or its LoRA
+  switched on in the base UNet: ``lightning_weights``) generates from pure noise with the same adapter and
+  the target's caption, keeping gradients only through the last ``grad_steps`` of its ``lightning_steps``
+  Euler steps; the VAE decodes, then ViTPose reads the body from a person crop with a soft-argmax
+  (:class:`bolid.losses.DifferentiablePose`) and EVA-CLIP scores the text, and optionally the reference
+  photo (``w_clip_image``; :class:`bolid.losses.ClipTextLoss`).
 
 Guarding against reward hacking (an ID loss that blurs images or bends poses to game the keypoint
 model): (1) ``L_diff`` stays on in every step, so a degraded generator is still penalised on real
