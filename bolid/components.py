@@ -38,12 +38,17 @@ __all__ = [
     "ComponentSpec",
     "MissingWeightsError",
     "Parts",
+    "DTYPES",
     "build_parts",
+    "load_unet",
     "image_encoder_kit",
     "kit_module",
     "load",
     "resolve",
 ]
+
+#: Config names of the dtypes frozen weights may be cast to (``model.frozen_dtype``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The kits :func:`load` knows, each a module ``bolid.kits.<kit>`` with the builders of :mod:`bolid.kits`.
 KITS = ("real", "tiny", "random", "mini")
@@ -335,6 +340,18 @@ def image_encoder_kit(name: str) -> str:
         if getattr(module, "EVA_CLIP_NAME", None) == name:
             return kit
     return "real"
+
+
+def load_unet(kit: Any, torch_dtype: torch.dtype = torch.float32):
+    """Only the SDXL base UNet (for what needs its shape and weights alone, e.g. ``bolid export``): the kit's
+    optional ``sdxl_unet(source, torch_dtype)`` builder, else the ``unet`` of its ``sdxl`` builder."""
+    source = None
+    if hasattr(kit, "kind") and hasattr(kit, "source"):  # a ComponentsConfig
+        source, kit = kit.source("sdxl"), kit.kind
+    module = kit_module(kit)
+    if callable(getattr(module, "sdxl_unet", None)):
+        return module.sdxl_unet(source, torch_dtype=torch_dtype)
+    return load("sdxl", module, source, torch_dtype=torch_dtype)["unet"]
 
 
 @dataclass

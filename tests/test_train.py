@@ -107,6 +107,7 @@ def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):
         assert any(p.grad.abs().sum() > 0 for p in grads), name
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_shards):
     module = _module(stage=1, w_id=0.0, w_clip=0.0, drop_text=0, drop_face=0, drop_body=0, drop_all=0)
     batch = _batch(tiny_shards)
@@ -234,8 +235,13 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     assert bolid_main(["export", str(run / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "ema"), "--ema"]) == 0
     e = load_file(tmp_path / "ema" / "adapter.safetensors")
     assert any(not torch.equal(e[k], a[k]) for k in a)  # EMA weights differ from the raw ones
+    # ... and so do its stock-diffusers files: they hold the EMA weights too
+    fe = load_file(tmp_path / "ema" / "diffusers" / "bolid_face.safetensors")
+    fa = load_file(out / "diffusers" / "bolid_face.safetensors")
+    assert fe.keys() == fa.keys() and any(not torch.equal(fe[k], fa[k]) for k in fa)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""
     import os

@@ -37,6 +37,9 @@ pretrained=None)``          is recorded in adapters and must rebuild this
 ``clip(source)``            ``(model, processor)``                            ``CLIPModel``, ``CLIPProcessor``
 ==========================  ================================================  ==================================
 
+Optional: ``sdxl_unet(source, torch_dtype=float32)``, the base UNet alone (``bolid.components.load_unet`` uses
+it when present, else the ``unet`` of ``sdxl``), for kits where loading the whole of SDXL costs much more.
+
 A kit whose EVA-CLIP ``name`` is not a real open_clip architecture sets ``EVA_CLIP_NAME`` to it, so that
 :func:`bolid.components.image_encoder_kit` finds the kit again when an adapter is loaded.
 Builders are deterministic: a kit that draws random weights seeds them itself.

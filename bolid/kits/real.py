@@ -26,6 +26,14 @@ def sdxl(source: str | None = None, torch_dtype: torch.dtype = torch.float32, va
     return dict(pipe.components)
 
 
+def sdxl_unet(source: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    """Only the SDXL base UNet (``unet/`` of the SDXL folder): no VAE, text encoders or tokenizers."""
+    from diffusers import UNet2DConditionModel
+
+    path = resolve("sdxl", source)
+    return _call("sdxl", path, UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=torch_dtype)
+
+
 def sdxl_lightning_unet(source: str | None = None, *, base_unet):
     """Build an SDXL-Lightning UNet: the base UNet's config with the distilled weights loaded.
 

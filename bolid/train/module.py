@@ -46,6 +46,7 @@ import torch.utils.checkpoint
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
 from bolid.body import BODY_INDICES
+from bolid.components import DTYPES as _DTYPES
 from bolid.config import ComponentsConfig
 from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
@@ -53,8 +54,6 @@ from bolid.lightning_lora import set_lora_enabled
 from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
