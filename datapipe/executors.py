@@ -182,12 +182,29 @@ def _start_ray(config: BuildConfig):
     return ray, True
 
 
+def _check_resources(have: dict, rc) -> None:
+    """Fail at once, naming the setting, where Ray would wait forever for resources the cluster lacks."""
+    actors = rc.pose_actors + rc.caption_actors
+    gpus, cpus = have.get("GPU", 0), have.get("CPU", 0)
+    if rc.actor_gpus and actors * rc.actor_gpus > gpus:
+        raise ValueError(
+            f"ray.actor_gpus: {actors} actors x {rc.actor_gpus} GPUs > the cluster's {gpus:g} GPUs "
+            "(set ray.actor_gpus: 0 on a CPU-only cluster, or fewer ray.pose_actors/caption_actors)"
+        )
+    if actors * rc.actor_cpus + rc.part_cpus > cpus:
+        raise ValueError(
+            f"ray.actor_cpus/part_cpus: {actors} actors x {rc.actor_cpus} CPUs + one part's {rc.part_cpus} CPUs > "
+            f"the cluster's {cpus:g} CPUs, so no part could start"
+        )
+
+
 def run_ray(config: BuildConfig, in_dir: str | Path, out_dir: str | Path) -> dict:
     """The parts as Ray tasks, the model stages on shared actor pools, then the merge (module docstring)."""
     ray, started = _start_ray(config)
     rc, n = config.ray, config.num_parts
     in_dir, out_dir = str(Path(in_dir).resolve()), str(Path(out_dir).resolve())
     try:
+        _check_resources(ray.cluster_resources(), rc)
         server = ray.remote(ModelServer).options(num_cpus=rc.actor_cpus, num_gpus=rc.actor_gpus)
         pools = {
             "pose": [server.remote("pose", config) for _ in range(rc.pose_actors)],

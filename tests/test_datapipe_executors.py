@@ -201,6 +201,17 @@ def test_missing_ray_names_the_extra(local2, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_resources_the_cluster_lacks_are_named():
+    from datapipe.config import RayConfig
+    from datapipe.executors import _check_resources
+
+    with pytest.raises(ValueError, match="ray.actor_gpus: 2 actors x 0.5 GPUs > the cluster's 0 GPUs"):
+        _check_resources({"CPU": 16}, RayConfig(actor_gpus=0.5))
+    with pytest.raises(ValueError, match="ray.actor_cpus/part_cpus"):
+        _check_resources({"CPU": 2}, RayConfig(part_cpus=1, actor_cpus=1))
+    _check_resources({"CPU": 2, "GPU": 1}, RayConfig(part_cpus=1, actor_cpus=0.5, actor_gpus=0.5))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed: pip install 'bolid[ray]'")
 def test_ray_equals_local_byte_for_byte(local2):
