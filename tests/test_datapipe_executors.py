@@ -232,3 +232,36 @@ def test_ray_equals_local_byte_for_byte(local2):
     assert dataset_bytes(out) == dataset_bytes(local2["out"])
     pose_journals = list((out / "cache").glob("pose-*.jsonl"))
     assert pose_journals and sum(p.stat().st_size for p in pose_journals) > 0, "the actors ran the models"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed: pip install 'bolid[ray]'")
+def test_killed_ray_run_resumes_from_the_cache(local2):
+    """``--executor ray`` killed (SIGKILL to the driver and every Ray process it started) once the pose actors
+    have cached a batch, then run again: the dataset equals the local executor's byte for byte."""
+    import signal
+    import time
+
+    data = yaml.safe_load(local2["config_path"].read_text())
+    data["ray"] = {"num_cpus": 2, "object_store_mb": 128, "part_cpus": 0.5, "actor_cpus": 0.25}
+    config_path = local2["tmp"] / "ray-kill.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    out = local2["tmp"] / "ray-killed"
+    cmd = [sys.executable, "-m", "datapipe", "build", "--config", str(config_path), "--in", str(local2["in"])]
+    cmd += ["--out", str(out), "--executor", "ray"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    end = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < end:
+        if any(p.stat().st_size > 0 for p in (out / "cache").glob("pose-*.jsonl")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the Ray build ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started (same session)
+    proc.communicate(timeout=60)
+    assert not (out / "index.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert dataset_bytes(out) == dataset_bytes(local2["out"])
