@@ -107,7 +107,12 @@ def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tenso
     allc, found = _masked_mean(xy[..., 5:, :], v[..., 5:])
     centre = torch.where(hips_both[..., None], hip, allc)
     sh, sh_ok = _masked_mean(xy[..., 5:7, :], v[..., 5:7])
-    up = torch.where((hip_ok & sh_ok)[..., None], sh - hip, torch.tensor([0.0, -1.0], dtype=xy.dtype))
+    # Up: mid-hip -> mid-shoulder; without both, the visible upper body's mean minus the lower body's; without
+    # those either, image up (the one case that is not rotation invariant).
+    upper, upper_ok = _masked_mean(xy[..., :11, :], v[..., :11])
+    lower, lower_ok = _masked_mean(xy[..., 11:, :], v[..., 11:])
+    fallback = torch.where((upper_ok & lower_ok)[..., None], upper - lower, torch.tensor([0.0, -1.0], dtype=xy.dtype))
+    up = torch.where((hip_ok & sh_ok)[..., None], sh - hip, fallback)
     up_len = torch.linalg.vector_norm(up, dim=-1, keepdim=True)
     up = torch.where(up_len > 1e-6, up / up_len.clamp(min=1e-6), torch.tensor([0.0, -1.0], dtype=xy.dtype))
     # Rotate so that `up` becomes (0, -1): new x = (-uy, ux) . p, new y = (ux, uy) . p * -1.
@@ -169,7 +174,7 @@ class BodyShapeNet(nn.Module):
         m1, lv1, found = self._head(keypoints, ms)
         m2, lv2, _ = self._head(flip_keypoints(keypoints), ms)
         mean = (m1 + m2) / 2
-        var = (lv1.exp() + lv2.exp()) / 2
+        var = ((lv1.exp() + lv2.exp()) / 2).clamp(max=1.0)  # a photo cannot know less than the prior
         f = found[..., None]
         # No body: the prior itself (mean 0, variance 1).
         return ShapeEstimate(torch.where(f, mean, 0.0), torch.where(f, var, 1.0), found)

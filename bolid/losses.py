@@ -125,8 +125,10 @@ def body_identity_loss(
     The denominator is the expected numerator for two unrelated bodies from the population, so ``L`` is 0
     for the same shape and about 1 for a random other person, whatever the photos' confidence: the same
     order as ``L_diff`` (an MSE of unit-variance noise). Entries the photos cannot see (a foreshortened
-    limb) carry little weight. Gradients flow through the generated keypoints' shape mean; the weights are
-    detached, so the model cannot lower the loss by making its person harder to measure.
+    limb) carry little weight. Gradients flow through the generated estimate's mean *and* variance: a
+    generated person that cannot be measured has the prior's estimate and costs about 1, like an unrelated
+    body, so ambiguity earns nothing. (Detaching the weights instead made the loss climb again under
+    optimisation of the keypoints: the optimiser could not see the weights it moved.)
 
     Args:
         generated: ``(B, 17, 3)`` keypoints of the generated images (differentiable in x, y).
@@ -151,7 +153,7 @@ def body_identity_loss(
     eg = net(gen, gen_min_score)
     with torch.no_grad():
         er = net(reference.float().to(generated.device), min_score)
-    var_g, var_r = eg.var.detach(), er.var
+    var_g, var_r = eg.var, er.var
     w = 1 / (var_g + var_r).clamp(min=1e-6)
     num = (w * (eg.mean - er.mean) ** 2).sum(-1)
     den = (w * (2 - var_g - var_r)).sum(-1).clamp(min=1e-3)
