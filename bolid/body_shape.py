@@ -209,19 +209,21 @@ def fuse(est: ShapeEstimate, dim: int = -2) -> ShapeEstimate:
 
 
 def log_likelihood_ratio(a: ShapeEstimate, b: ShapeEstimate) -> torch.Tensor:
-    """``(...,)`` log p(a, b | same body) / p(a, b | different bodies) of two Gaussian shape estimates.
+    """``(...,)`` log p(a, b | same body) / p(a, b | two bodies from the population) of two shape estimates.
 
-    Each posterior ``N(mean, var)`` under the prior ``N(0, 1)`` is turned back into what the photo itself
-    says, a likelihood with precision ``lam = 1/var - 1`` and centre ``m = mean / (1 - var)``. For the same
-    body ``m_a - m_b ~ N(0, 1/lam_a + 1/lam_b)``; for two bodies drawn from the prior the variance grows
-    by 2. Entries a photo cannot see (``lam`` near 0) contribute nearly 0, and an offset common to both
-    photos (a detector that places every hip higher) cancels in the difference.
+    With Gaussian posteriors ``N(m_a, v_a)``, ``N(m_b, v_b)`` under the prior ``N(0, 1)`` the ratio is
+    ``integral N(x; m_a, v_a) N(x; m_b, v_b) / N(x; 0, 1) dx`` per entry, in closed form with
+    ``P = 1/v_a + 1/v_b - 1``:
+
+        log LR = -1/2 log(v_a v_b P) - 1/2 (m_a^2/v_a + m_b^2/v_b - (m_a/v_a + m_b/v_b)^2 / P)
+
+    Entries a photo cannot see (variance near 1) contribute little; it needs no division by ``1 - v``, so
+    it stays finite for every variance in (0, 1].
     """
-    var_a, var_b = a.var.clamp(1e-6, 1 - 1e-4), b.var.clamp(1e-6, 1 - 1e-4)
-    lam_a, lam_b = 1 / var_a - 1, 1 / var_b - 1
-    diff = a.mean / (1 - var_a) - b.mean / (1 - var_b)
-    s = 1 / lam_a + 1 / lam_b
-    llr = 0.5 * (diff**2 / (s + 2) - diff**2 / s + torch.log((s + 2) / s))
+    va, vb = a.var.clamp(1e-6, 1.0), b.var.clamp(1e-6, 1.0)
+    ma, mb = a.mean, b.mean
+    p = 1 / va + 1 / vb - 1
+    llr = -0.5 * torch.log(va * vb * p) - 0.5 * (ma**2 / va + mb**2 / vb - (ma / va + mb / vb) ** 2 / p)
     return llr.sum(-1)
 
 

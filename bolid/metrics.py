@@ -376,8 +376,14 @@ class BodyShapeSimilarity(Metric):
         self.add_state("values", [], dist_reduce_fx="cat")
 
     pose = BodySimilarity.pose
-    __getstate__ = BodySimilarity.__getstate__
     keypoints = BodySimilarity.keypoints
+
+    def __getstate__(self) -> dict:
+        # As BodySimilarity: an extractor this metric built is rebuilt on demand after unpickling.
+        state = super().__getstate__()
+        if state.get("_pose_factory") is not None:
+            state["_pose"] = None
+        return state
 
     def _kps(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and tuple(x.shape[-2:]) == (17, 3):
