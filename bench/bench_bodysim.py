@@ -21,8 +21,8 @@ Measures:
    averaged by v1), same = a held-out frame, different = every fullbody photo; ``fullbody`` has at most
    2 photos per person, so only k = 1 exists there.
 
-    python bench/bench_bodysim.py                       # print
-    python bench/bench_bodysim.py --write BENCHMARKS.md # and replace this benchmark's section there
+    python -m bench.bench_bodysim                       # print
+    python -m bench.bench_bodysim --write BENCHMARKS.md # and replace this benchmark's section there
 """
 
 from __future__ import annotations
@@ -39,15 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.report import command, machine, write_section
+from bolid.body_shape import ShapeEstimate, fuse, load, shape_similarity
+from bolid.images import load_image
+from bolid.metrics import BODY_STATS_MEAN, BODY_STATS_STD, body_similarity
+from bolid.pose import BLAZEPOSE_TO_COCO
+from bolid.synthetic_bodies import prior_stats, sample_lengths, synthetic_views
 
-from bench.report import command, machine, write_section  # noqa: E402 (after the path set-up above)
-from bolid.body_shape import ShapeEstimate, fuse, load, shape_similarity  # noqa: E402
-from bolid.images import load_image  # noqa: E402
-from bolid.metrics import BODY_STATS_MEAN, BODY_STATS_STD, body_similarity  # noqa: E402
-from bolid.pose import BLAZEPOSE_TO_COCO  # noqa: E402
-from bolid.synthetic_bodies import prior_stats, sample_lengths, synthetic_views  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = Path(os.environ.get("BOLID_SHARED_TESTDATA", ROOT.parent / "shared" / "testdata"))
 MIN_SCORE = 0.5
@@ -386,7 +385,7 @@ def report(real: dict, syn: dict, meta: dict) -> str:
         "",
         f"Machine: {machine()}, mediapipe {mediapipe.__version__} (BlazePose full, CPU).",
         "",
-        f"Command: `{command()}`",
+        f"Command: `{command('bench.bench_bodysim')}`",
     ]
     return "\n".join(lines)
 

@@ -1,13 +1,13 @@
 """Data-pipeline CPU benchmark: the shard path against a naive Pillow baseline, on the same real-size JPEGs.
 
-Generates ``--images`` photo-like JPEGs (``datapipe.synthetic``: smooth colour fields, shapes, texture and
+Generates ``--images`` photo-like JPEGs (``demo.synthetic``: smooth colour fields, shapes, texture and
 sensor noise, ~2 bits/pixel like camera photos) at sizes typical of web galleries, 1200 to 4000 px on the
 short side, so every one is resized. Then, in one run, on one core each, interleaved for ``--repeats``
 rounds (median time per round):
 
 * **datapipe**: read the file, ``datapipe.resize.encode_stored`` (JPEG ``draft`` decode at 1/2, 1/4 or
   1/8 scale where that stays at or above the target, EXIF transpose, RGB, antialiased bilinear resize of the
-  remaining factor to short side 1024, JPEG quality 95), then ``datapipe.shards.write_shard`` (one tar);
+  remaining factor to short side 1024, JPEG quality 95), then ``datapipe.writer.write_shard`` (one tar);
 * **baseline**: ``Image.open`` + full decode + EXIF transpose + RGB + LANCZOS resize to the same size +
   ``save`` as a JPEG file (quality 95, as above).
 
@@ -17,7 +17,7 @@ paths' outputs. Goal: datapipe >= 1.5x the baseline's images/s per core. Prints 
 ``--write BENCHMARKS.md`` replaces the part between ``<!-- bench:datapipe:start -->`` and
 ``<!-- bench:datapipe:end -->`` in that file (appending it if absent).
 
-    python bench/bench_datapipe.py --write BENCHMARKS.md
+    python -m bench.bench_datapipe --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,18 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import command, machine, write_section
+from bolid.images import image_size
+from datapipe.resize import encode_stored, encode_stored_file, stored_size
+from datapipe.workers import WorkerPool
+from datapipe.writer import write_shard
+from demo.synthetic import jpeg_bytes, synthetic_photo
 
-from PIL import Image, ImageOps  # noqa: E402
-
-from bench.report import cores, cpu_name, write_section  # noqa: E402
-from bolid.images import image_size  # noqa: E402
-from datapipe.resize import encode_stored, encode_stored_file, stored_size  # noqa: E402
-from datapipe.shards import write_shard  # noqa: E402
-from datapipe.synthetic import jpeg_bytes, synthetic_photo  # noqa: E402
-from datapipe.workers import WorkerPool  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL = 1.5
 RESOLUTION = 1024
@@ -123,15 +119,11 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def machine(load: float) -> str:
-    cpu = cpu_name()
+def pillow() -> str:
     from PIL import features
 
     turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-    return (
-        f"{cores()}, {cpu}, load average {load:.1f} at the "
-        f"start; Python {platform.python_version()}, Pillow {Image.__version__} ({turbo})"
-    )
+    return f"Pillow {Image.__version__} ({turbo})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| header only (`bolid.images.image_size`) | {n / statistics.median(header_s):,.0f} |",
         f"| full decode (`Image.open(...).load()`) | {n / statistics.median(decode_s):,.1f} |",
     ]
-    pretty = " ".join(shlex.quote(a) for a in ["python", "bench/bench_datapipe.py", *(argv or sys.argv[1:])])
+    pretty = command("bench.bench_datapipe", argv)
     section = "\n".join(
         [
             "## Data pipeline CPU path (`bench/bench_datapipe.py`)",
@@ -222,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Goal: datapipe >= {GOAL}x the baseline's images/s per core: **{'met' if ok else 'NOT met'}** "
             f"({ratio:.2f}x).",
             "",
-            f"Machine: {machine(load)}. Generating the images took {generate_s:.0f} s, not counted.",
+            f"Machine: {machine(load, pillow())}. Generating the images took {generate_s:.0f} s, not counted.",
             "",
             f"Command: `{pretty}`",
         ]

@@ -1,6 +1,6 @@
 """Config plumbing shared by every stage: YAML loading with clear errors and the ``components`` switch.
 
-Every YAML in ``configs/`` may carry a ``components`` entry that picks real weights or the
+Every YAML in ``configs/<command>/`` may carry a ``components`` entry that picks real weights or the
 tiny kit, in either form::
 
     components: tiny                # tests, demo, benchmarks: tiny random-init twins
@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
-from bolid.components import COMPONENTS
+from bolid.components import COMPONENTS, KITS
 
-KINDS = ("real", "tiny")
+KINDS = KITS
 
 
 @dataclass(frozen=True)
 class ComponentsConfig:
-    """Which weights to use: ``kind`` is ``"real"`` or ``"tiny"``; ``overrides`` maps component -> id or path."""
+    """Which weights to use: ``kind`` is a kit (:data:`bolid.components.KITS`); ``overrides`` maps component -> id
+    or path."""
 
     kind: str = "real"
     overrides: dict[str, str] = field(default_factory=dict)

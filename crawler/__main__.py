@@ -1,4 +1,4 @@
-"""Command line: ``python -m crawler`` runs the ``theplace`` spider with defaults from ``configs/crawl.yaml``.
+"""Command line: ``python -m crawler`` runs the ``theplace`` spider (defaults: :class:`crawler.config.CrawlConfig`).
 
 Flags override the YAML (each flag is a YAML key; ``--help`` lists them). Exit status: 0 when the crawl finished,
 every page matched the layout and OUT holds at least one image; 1 when it stopped early, some page matched no
@@ -11,13 +11,13 @@ import argparse
 import sys
 from urllib.parse import urlsplit
 
-from crawler.config import DEFAULT_CONFIG, CrawlConfig
+from crawler.config import CrawlConfig
 
 EPILOG = """\
 examples:
   python -m crawler --out data/crawl --persons emma_watson,johnny_depp
   python -m crawler --out data/crawl --persons-file persons.txt --max-photos-per-person 300
-  python -m crawler.demo_site --port 8765 &   # a local fake site, then:
+  python -m demo.site --port 8765 &   # a local fake site, then:
   python -m crawler --base-url http://127.0.0.1:8765 --out /tmp/demo-crawl --no-polite
 
 Output (OUT): images/<identity>/<sha256>.jpg, manifest.jsonl, rejects.jsonl, persons.jsonl.
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with the defaults (default: %(default)s)")
+    p.add_argument(
+        "--config", help="YAML of settings (keys as configs/crawl/theplace.yaml); default: the built-in defaults"
+    )
     what = p.add_argument_group("what to crawl")
     what.add_argument(
         "--base-url", help="site root, e.g. https://www.theplace.ru or a local copy http://127.0.0.1:8765"
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-polite",
         action="store_true",
         help="no delay, no AutoThrottle, 16 requests at once (robots.txt still obeyed): "
-        "refused for any host but this machine (127.0.0.1, localhost), e.g. crawler.demo_site",
+        "refused for any host but this machine (127.0.0.1, localhost), e.g. demo.site",
     )
     misc = p.add_argument_group("bookkeeping")
     misc.add_argument(
@@ -123,7 +125,10 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     if args.min_size is not None:
         overrides["min_width"] = overrides["min_width"] or args.min_size
         overrides["min_height"] = overrides["min_height"] or args.min_size
-    config = CrawlConfig.from_yaml(args.config, **overrides)
+    if args.config is None:
+        config = CrawlConfig.from_dict({}, source="flags", **overrides)
+    else:
+        config = CrawlConfig.from_yaml(args.config, **overrides)
     if args.no_polite:
         host = (urlsplit(config.base_url).hostname or "").lower()
         if host != "localhost" and not host.startswith("127.") and host != "::1":

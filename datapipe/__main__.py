@@ -1,6 +1,6 @@
 """``python -m datapipe``: build identity-grouped WebDataset shards from crawled or own photos.
 
-python -m datapipe build --config configs/shards.yaml --in IN --out OUT
+python -m datapipe build --config configs/shards/real.yaml --in IN --out OUT
 python -m datapipe build ... --num-parts 8 --part 3     # one of 8 machines
 python -m datapipe merge OUT                            # after all parts finished
 """
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m datapipe",
         description=(PACKAGE_DOC or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Shard format: see datapipe/shards.py. Run `python -m datapipe build -h` for the build options.",
+        epilog="Shard format: see bolid/shards.py. Run `python -m datapipe build -h` for the build options.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
             "Restartable: re-running after a crash or after adding images repeats no finished work."
         ),
     )
-    b.add_argument("--config", required=True, help="YAML settings: configs/shards.yaml, configs/shards_tiny.yaml")
+    b.add_argument("--config", required=True, help="YAML settings: configs/shards/real.yaml, configs/shards/tiny.yaml")
     b.add_argument(
         "--in",
         dest="in_dir",
