@@ -374,6 +374,24 @@ def report(real: dict, syn: dict, meta: dict) -> str:
     ]
     for name in ("v1", "v2"):
         lines.append(f"| {name} | " + " | ".join(f"{syn['noise'][j][name]:.3f}" for j in JITTERS) + " |")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    y30, d = syn["yaw"][30]["v2"], syn["different"]["v2"]
+    lines += [
+        "",
+        "Targets for v2: "
+        f"AUC fullbody {auc['v2', 'fullbody']:.3f} >= 0.97 {met(auc['v2', 'fullbody'] >= 0.97)}; "
+        f"AUC posevaried {auc['v2', 'posevaried']:.3f} >= 0.90 {met(auc['v2', 'posevaried'] >= 0.90)}; "
+        f"same body at 30° {y30:.3f} >= 0.85 {met(y30 >= 0.85)}; different bodies {d:.3f} <= 0.2 {met(d <= 0.2)}. "
+        "v2 stays an option and v1 the default, as v2 does not beat v1 on the real photos. What limits it: "
+        "(1) the detector-convention gap above puts every real photo outside the synthetic training data, so "
+        "its estimates of different real people share one large offset (v2's real scores crowd near 1); "
+        "(2) a single 2D view holds little of the 3D proportions (validation R² below): adults differ by "
+        "~5% in segment ratios, the same order as 1-2% keypoint jitter plus foreshortening of a limb 20° "
+        "out of the image plane (6%). Fusing more reference photos helps (k = 1 -> 4 above).",
+    ]
     val = rec["validation"]
     per_entry = ", ".join(f"{k[3:]} {v:.2f}" for k, v in val.items() if k.startswith("r2_") and k != "r2_mean")
     lines += [

@@ -29,6 +29,12 @@ proportions are visible in both (``too_few_features``). :meth:`BodySimilarity.co
 the mean over scored pairs and the failure rate; with ``failure_score`` set, failures enter the
 mean at that value instead.
 
+**Body Sim v2** (:class:`BodyShapeSimilarity`, an option, not the default): the likelihood ratio of
+"same body" for the pose- and viewpoint-invariant shape estimates of :mod:`bolid.body_shape`, with
+multi-photo references and an ``ambiguous_view`` failure. It stays an option until it beats Body Sim on
+the real-photo measures of ``bench/bench_bodysim.py`` (it does not yet). :class:`BodySimilarity` is also
+exported as :data:`BodyProportionSimilarity`.
+
 **CLIP-T** (:class:`CLIPTextScore`): torchmetrics' ``CLIPScore`` between the generated image and
 its prompt, ``max(100 * cos(E_img, E_text), 0)`` (PuLID reports it on this 0-100 scale).
 
