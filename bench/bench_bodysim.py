@@ -390,7 +390,9 @@ def report(real: dict, syn: dict, meta: dict) -> str:
         "its estimates of different real people share one large offset (v2's real scores crowd near 1); "
         "(2) a single 2D view holds little of the 3D proportions (validation R² below): adults differ by "
         "~5% in segment ratios, the same order as 1-2% keypoint jitter plus foreshortening of a limb 20° "
-        "out of the image plane (6%). Fusing more reference photos helps (k = 1 -> 4 above).",
+        "out of the image plane (6%). Fusing reference frames on posevaried: v2 AUC "
+        + ", ".join(f"k = {k}: {m['v2']:.3f}" for k, m in real["multi"].items())
+        + " (against the offset in (1), more frames of one real person do not help).",
     ]
     val = rec["validation"]
     per_entry = ", ".join(f"{k[3:]} {v:.2f}" for k, v in val.items() if k.startswith("r2_") and k != "r2_mean")

@@ -60,7 +60,8 @@ REDUCED_CHECK = {"seed": 0, "hidden": 64, "depth": 2, "steps": 40, "batch": 256,
 _SEGMENTS = (
     (5, 11), (6, 12), (5, 7), (6, 8), (7, 9), (8, 10), (11, 13), (12, 14), (13, 15), (14, 16), (5, 6), (11, 12),
 )  # fmt: skip
-INPUT_DIM = 17 * 2 + 17 + 2 * len(_SEGMENTS)
+INPUT_DIM = 17 * 2 + 17 + 2 * len(_SEGMENTS)  # COCO-17 layout; the face entries are always 0
+_BODY_ONLY = torch.tensor([0.0] * 5 + [1.0] * 12)
 FAILURE_REASONS = ("no_body", "no_reference_body", "ambiguous_view")
 
 
@@ -96,12 +97,16 @@ def _masked_mean(xy: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
 def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Network input ``(..., INPUT_DIM)`` and a found-mask ``(...,)`` from ``(..., 17, 3)`` keypoints.
 
+    Only the 12 body points count (the face points are treated as missing), so the estimate does not change
+    when the face is hidden or turned away.
+
     Centred on the mid-hip (else the visible points' mean), rotated so mid-hip -> mid-shoulder points up
     (image -y), divided by the RMS distance of the visible points from that centre: invariant to image
     scale, translation and in-plane rotation by construction. Differentiable in x, y.
     """
     xy = torch.nan_to_num(keypoints[..., :2])
     v = (torch.nan_to_num(keypoints[..., 2], nan=0.0) >= min_score).to(xy.dtype)
+    v = v * _BODY_ONLY.to(v)  # the 5 face points are left out: the body estimate must not depend on the face
     hip, hip_ok = _masked_mean(xy[..., 11:13, :], v[..., 11:13])
     hips_both = v[..., 11] * v[..., 12] > 0
     allc, found = _masked_mean(xy[..., 5:, :], v[..., 5:])

@@ -62,6 +62,16 @@ def test_estimate_is_invariant_to_image_transforms(net, views, transform):
     assert float(a.mean.abs().mean()) > 0.05  # not trivially constant
 
 
+def test_estimate_ignores_the_face(net, views):
+    """The face belongs to the face encoder: hiding or moving the 5 face points changes nothing."""
+    hidden, moved = views.clone(), views.clone()
+    hidden[:, :5, 2] = 0.0
+    moved[:, :5, :2] += 40.0
+    a = net(views)
+    for other in (net(hidden), net(moved)):
+        assert torch.equal(a.mean, other.mean) and torch.equal(a.var, other.var)
+
+
 def test_flip_is_a_left_right_swap_and_mirror():
     kp = synthetic_views(4, torch.Generator().manual_seed(0)).keypoints
     f = flip_keypoints(kp)
