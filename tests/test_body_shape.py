@@ -170,7 +170,7 @@ def test_identity_loss_is_differentiable_and_falls(views):
         loss.backward()
         opt.step()
     assert gen.grad is not None and float(gen.grad[..., :2].abs().sum()) > 0
-    assert float(loss) < 0.5 * float(start)
+    assert loss.item() < 0.5 * start.item()
 
 
 def test_loss_and_metric_use_independent_networks():
