@@ -355,8 +355,8 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
             or ``"tiny"`` (:func:`bolid.tiny.tiny_clip`).
         source: a hub id or local folder for the real model (see ``components.overrides.clip``).
     """
-    if components not in ("real", "tiny"):
-        raise ValueError(f"components must be 'real' or 'tiny', got {components!r}")
+    if components not in ("real", "tiny", "random"):
+        raise ValueError(f"components must be 'real', 'tiny' or 'random', got {components!r}")
 
     @functools.cache
     def load() -> tuple:
@@ -364,6 +364,10 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
             from bolid.tiny import tiny_clip
 
             model, processor = tiny_clip()
+        elif components == "random":
+            from bolid.kits import random as kit
+
+            model, processor = kit.clip()
         else:
             from bolid.components import load_clip
 

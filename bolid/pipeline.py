@@ -92,7 +92,8 @@ class BoLIDPipeline:
         """Build from real weights or the tiny kit.
 
         Args:
-            components: ``"real"``, ``"tiny"`` or a :class:`ComponentsConfig` (per-component local paths).
+            components: ``"real"``, ``"tiny"``, ``"random"`` (real size, random weights) or a
+                :class:`ComponentsConfig` (per-component local paths).
             lightning: use the SDXL-Lightning UNet and its sampler; ``False`` runs the SDXL base UNet.
             adapter: an adapter folder written by :meth:`BodyConditionModule.save`; ``None`` builds a freshly
                 initialised (untrained) adapter.
@@ -122,6 +123,14 @@ class BoLIDPipeline:
             if lightning:
                 parts["unet"] = tiny.tiny_lightning_unet(parts["unet"])
             image_encoder = ClipImageEncoder.from_components("tiny")
+        elif cfg.kind == "random":  # real size, random weights, built where and in the dtype they run
+            from bolid.kits import random as kit
+
+            parts = kit.sdxl_components(device=device, dtype=dtype)
+            base_unet = parts["unet"]
+            if lightning:
+                parts["unet"] = kit.lightning_unet(base_unet)
+            image_encoder = ClipImageEncoder.from_components("random")
         else:
             base = comp.load_sdxl(cfg.source("sdxl"), torch_dtype=dtype)
             parts = dict(base.components)
@@ -143,7 +152,7 @@ class BoLIDPipeline:
         if adapter is not None:
             module = BodyConditionModule.load(adapter, base_unet, image_encoder)
         else:
-            if not cfg.tiny:
+            if cfg.kind == "real":
                 log.warning("no adapter given: using a freshly initialised, untrained adapter (identity will not hold)")
             module = BodyConditionModule(base_unet, image_encoder, adapter_config)
         module.to(device, dtype)

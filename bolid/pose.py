@@ -141,13 +141,18 @@ class VitPoseExtractor(PoseExtractor):
 
             det, det_proc = tiny.tiny_person_detector()
             pose, pose_proc = tiny.tiny_vitpose()
+        elif components == "random":
+            from bolid.kits import random as kit
+
+            det, det_proc = kit.person_detector()
+            pose, pose_proc = kit.vitpose()
         elif components == "real":
             from bolid import components as comp
 
             det, det_proc = comp.load_person_detector(detector)
             pose, pose_proc = comp.load_vitpose(vitpose)
         else:
-            raise ValueError(f"components must be 'real' or 'tiny', got {components!r}")
+            raise ValueError(f"components must be 'real', 'tiny' or 'random', got {components!r}")
         return cls(det, det_proc, pose, pose_proc, **kwargs)
 
     @torch.inference_mode()

@@ -176,6 +176,10 @@ class Captioner:
             from bolid.tiny import tiny_blip2
 
             model, processor = tiny_blip2()
+        elif self.config.components.kind == "random":
+            from bolid.kits import random as kit
+
+            model, processor = kit.blip2(device=self.config.resolved_device(), dtype=dtype)
         else:
             from bolid.components import load_blip2
 

@@ -58,7 +58,7 @@ class BoLIDTrainingModule(L.LightningModule):
     """Trains the Body-Condition Module (adapter + encoder heads) on a frozen SDXL.
 
     Args:
-        components: ``tiny``, ``real`` or ``{kind: real, overrides: {sdxl: /path, ...}}``.
+        components: ``tiny``, ``random``, ``real`` or ``{kind: real, overrides: {sdxl: /path, ...}}``.
         stage: 1 = reconstruction only on the SDXL base UNet; 2 = adds the body-ID and CLIP losses on the
             Lightning branch (needs the SDXL-Lightning UNet, ViTPose and EVA-CLIP).
         adapter: settings of a new adapter (see :class:`bolid.adapter.AdapterConfig`).
@@ -160,6 +160,12 @@ class BoLIDTrainingModule(L.LightningModule):
             parts = tiny.tiny_sdxl_components()
             eva, _, eva_tok = tiny.tiny_eva_clip()
             eva_name = tiny.TINY_EVA_CLIP
+        elif self.cfg.kind == "random":  # real size, random weights, built in the frozen dtype
+            from bolid.kits import random as kit
+
+            parts = kit.sdxl_components(dtype=_DTYPES[hp.frozen_dtype])
+            eva, _, eva_tok = kit.eva_clip(dtype=_DTYPES[hp.frozen_dtype])
+            eva_name = kit.EVA_CLIP
         else:
             parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
             eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
@@ -176,12 +182,16 @@ class BoLIDTrainingModule(L.LightningModule):
         if hp.stage == 2 or hp.sample_every_n_steps:
             if tiny_kit:
                 self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
+            elif self.cfg.kind == "random":
+                self.lightning_unet = kit.lightning_unet(self.unet)
             elif hp.stage == 2:
                 self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
         self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
         if hp.stage == 2:
             if tiny_kit:
                 pose_model, pose_proc = tiny.tiny_vitpose()
+            elif self.cfg.kind == "random":
+                pose_model, pose_proc = kit.vitpose(dtype=_DTYPES[hp.frozen_dtype])
             else:
                 pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
             self.pose = DifferentiablePose(pose_model, pose_proc)
