@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format demo crawl shards train eval bench
+.PHONY: help setup test lint format demo crawl shards train eval bench check-real-size bench-gpu
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,3 +63,9 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 	$(PY) bench/bench_crawl.py --write BENCHMARKS.md
 	$(PY) bench/bench_train_data.py --write BENCHMARKS.md
 	$(PY) bench/bench_bodysim.py --write BENCHMARKS.md
+
+check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs ~16 GB free)
+	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
+	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
+	BOLID_REAL_SIZE=1 BOLID_REAL_SIZE_REPORT=BENCHMARKS.md nice -n 10 $(PY) -m pytest -p no:cacheprovider -q -s \
+	  -m real_size tests/test_real_size.py $(PYTEST_ARGS)
