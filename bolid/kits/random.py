@@ -12,6 +12,7 @@ noise. Every builder takes
 
 * ``device``: ``"meta"`` builds instantly with no memory (parameter counts, shapes); ``"cpu"`` / ``"cuda"``
   allocates and initialises there (initialising SDXL's 2.6B-parameter UNet on a GPU takes a second);
+  ``None`` uses torch's default device (so ``with torch.device("cuda"):`` around any caller builds on the GPU);
 * ``dtype``: the parameters are created in this dtype (bf16 halves the memory of the build itself);
 * ``seed``: the same seed gives the same weights.
 
@@ -59,7 +60,7 @@ def _building(device: str | torch.device | None, dtype: torch.dtype | None, seed
     try:
         if dtype is not None:
             torch.set_default_dtype(dtype)
-        with torch.device(device or "cpu"):
+        with torch.device(device if device is not None else torch.get_default_device()):
             yield
     finally:
         torch.set_default_dtype(previous)
@@ -69,7 +70,9 @@ def _done(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     """Eval mode, and any stray buffer or parameter created outside the default dtype brought in line."""
     module.eval()
     if str(device) != "meta" and dtype is not None:
-        module.to(dtype=dtype)
+        tensors = [*module.parameters(), *module.buffers()]
+        if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+            module.to(dtype=dtype)
     return module
 
 
@@ -250,7 +253,8 @@ def eva_clip(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
 
     name = config("eva02_l_14_336")["open_clip_model"]
     with _building(device, dtype, seed):
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device or "cpu")
+        where = device if device is not None else torch.get_default_device()
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=where)
     return _done(model, device, dtype), preprocess, open_clip.get_tokenizer(name)
 
 
