@@ -69,3 +69,6 @@ check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, gen
 	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
 	BOLID_REAL_SIZE=1 BOLID_REAL_SIZE_REPORT=BENCHMARKS.md nice -n 10 $(PY) -m pytest -p no:cacheprovider -q -s \
 	  -m real_size tests/test_real_size.py $(PYTEST_ARGS)
+
+bench-gpu:  ## paper-scale GPU benchmark, random kit, <= 8 min: BENCHMARKS.md + runs/bench_gpu/ (SMOKE=1: tiny, CPU)
+	$(PY) -m bench.bench_gpu $(if $(SMOKE),--smoke,--write BENCHMARKS.md) $(BENCH_GPU_ARGS)
