@@ -11,15 +11,18 @@ SDXL's UNet halves it twice), in bfloat16:
 * ``BoLIDPipeline`` generating one image from a reference photo (RT-DETR + ViTPose find the person);
 * one datapipe annotate batch: RT-DETR + ViTPose, then BLIP-2 OPT-2.7b captions.
 
-It needs about 16 GB of RAM and a few minutes, so it is not part of ``make test``: run it with
-``make check-real-size`` (which sets ``BOLID_REAL_SIZE=1``; ``BOLID_REAL_SIZE_REPORT=BENCHMARKS.md`` also
-writes each step's time and peak RSS into that file). Stage 2 shares one set of UNet weights between the
-base and Lightning UNets (``BOLID_RANDOM_SHARE_LIGHTNING=1``): two module objects, so the wiring is that of
-two UNets, with one UNet's memory.
+It needs about 16 GB of RAM and many minutes, so it is not part of ``make test``: run it with
+``make check-real-size``, which sets ``BOLID_REAL_SIZE=1`` and runs each test in its own process (so each
+step's peak RSS is its own and a failure frees its memory); with ``BOLID_REAL_SIZE_REPORT=BENCHMARKS.md`` each
+step's time and peak RSS are kept in ``runs/real_size/figures.json`` and written into that file. Stage 2
+shares one set of UNet weights between the base and Lightning UNets (``BOLID_RANDOM_SHARE_LIGHTNING=1``): two
+module objects, so the wiring is that of two UNets, with one UNet's memory. ``BOLID_REAL_SIZE_KIT=tiny`` runs
+the same steps on the tiny kit in seconds (a dry run of this module, not a real-size check).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -39,9 +42,11 @@ pytestmark = [
     ),
 ]
 
+KIT = os.environ.get("BOLID_REAL_SIZE_KIT", "random")
+REAL = KIT == "random"
 LATENT = 4  # the smallest latent SDXL's UNet accepts (two downsamplings)
 PIXELS = 8 * LATENT
-FIGURES: dict[str, dict[str, float]] = {}
+FIGURES_FILE = Path(os.environ.get("BOLID_REAL_SIZE_FIGURES", "runs/real_size/figures.json"))
 
 
 def _peak_rss_gib() -> float:
@@ -67,16 +72,27 @@ def measure(request):
     _reset_peak_rss()
     t0 = time.perf_counter()
     yield
-    FIGURES[request.node.name] = {"seconds": time.perf_counter() - t0, "peak_rss_gib": _peak_rss_gib()}
+    figures = {"seconds": time.perf_counter() - t0, "peak_rss_gib": _peak_rss_gib(), "kit": KIT}
     gc.collect()
+    if os.environ.get("BOLID_REAL_SIZE_REPORT") and REAL:
+        _report(request.node.name, figures, os.environ["BOLID_REAL_SIZE_REPORT"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report():
-    yield
-    if not FIGURES:
-        return
-    rows = [f"| {name} | {f['seconds']:.0f} | {f['peak_rss_gib']:.1f} |" for name, f in FIGURES.items()]
+def _report(name: str, figures: dict, target: str) -> None:
+    """Add this step's figures to the kept ones and rewrite the Markdown section from all of them."""
+    from bench.report import write_section
+    from bolid.files import atomic_write
+
+    known = json.loads(FIGURES_FILE.read_text()) if FIGURES_FILE.exists() else {}
+    known[name] = figures
+    FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(FIGURES_FILE, json.dumps(known, indent=2), fsync=False)
+    order = ["test_stage1_training_step", "test_stage2_training_step", "test_generate_one_image",
+             "test_datapipe_annotate_batch"]  # fmt: skip
+    rows = [
+        f"| {n} | {known[n]['seconds']:.0f} | {known[n]['peak_rss_gib']:.1f} |"
+        for n in sorted(known, key=lambda n: order.index(n) if n in order else len(order))
+    ]
     threads = torch.get_num_threads()
     text = "\n".join(
         [
@@ -97,12 +113,7 @@ def report():
             "Command: `make check-real-size`",
         ]
     )
-    print("\n" + text)
-    target = os.environ.get("BOLID_REAL_SIZE_REPORT")
-    if target:
-        from bench.report import write_section
-
-        write_section(target, "real-size", text)
+    write_section(target, "real-size", text)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -115,7 +126,7 @@ def _fit(shards: Path, tmp: Path, **model_kw) -> tuple:
     from bolid.train.module import BoLIDTrainingModule
 
     module = BoLIDTrainingModule(
-        components="random", frozen_dtype="bf16", warmup_steps=0, lr=1e-3, branch_resolution=PIXELS, **model_kw
+        components=KIT, frozen_dtype="bf16", warmup_steps=0, lr=1e-3, branch_resolution=PIXELS, **model_kw
     )
     before = {k: p.detach().clone() for k, p in module.trainable_named_parameters().items()}
     frozen = module.unet.conv_in.weight.detach().clone()
@@ -130,7 +141,8 @@ def _fit(shards: Path, tmp: Path, **model_kw) -> tuple:
     moved = [k for k, p in after.items() if not torch.equal(p.detach(), before[k])]
     assert all(torch.isfinite(p).all() for p in after.values())
     assert torch.equal(module.unet.conv_in.weight, frozen), "a frozen UNet weight changed"
-    assert all(p.dtype == torch.bfloat16 for p in module.unet.parameters())
+    trainable = {id(p) for p in after.values()}  # the adapter's processors sit inside the UNet, in fp32
+    assert all(p.dtype == torch.bfloat16 for p in module.unet.parameters() if id(p) not in trainable)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return module, moved, metrics
 
@@ -140,7 +152,8 @@ def test_stage1_training_step(tiny_shards, tmp_path):
     assert np.isfinite(metrics["train/loss_diff"])
     # The optimiser step moved the adapter: face and body heads and the identity K/V of the cross-attentions.
     assert any("face" in k for k in moved) and any("body" in k for k in moved), moved[:5]
-    assert len(module.adapter.processors) == 70  # SDXL's 70 cross-attention layers all carry the adapter
+    if REAL:
+        assert len(module.adapter.processors) == 70  # SDXL's 70 cross-attention layers all carry the adapter
 
 
 def test_stage2_training_step(tiny_shards, tmp_path, monkeypatch):
@@ -158,13 +171,14 @@ def test_stage2_training_step(tiny_shards, tmp_path, monkeypatch):
 def test_generate_one_image(fixtures):
     from bolid.pipeline import BoLIDPipeline
 
-    pipe = BoLIDPipeline.from_components("random", lightning=True, dtype=torch.bfloat16, pose_threshold=0.0)
+    pipe = BoLIDPipeline.from_components(KIT, lightning=True, dtype=torch.bfloat16, pose_threshold=0.0)
     photo = fixtures / "coco_000000000785.jpg"
     kw = dict(seed=0, height=PIXELS, width=PIXELS, output_type="np")
     with_id = pipe("a person on a beach", references=[photo], **kw)
     without = pipe("a person on a beach", references=[photo], scale_face=0.0, scale_body=0.0, **kw)
     image = np.asarray(with_id.images[0], dtype=np.float32)
     assert image.shape == (PIXELS, PIXELS, 3) and np.isfinite(image).all()
+    assert image.std() > 0  # an image, not a constant
     assert with_id.settings["steps"] == 4
     # The identity tokens reach the image: the same seed with both identity terms off gives another one.
     assert np.abs(image - np.asarray(without.images[0], dtype=np.float32)).mean() > 1e-3
@@ -181,7 +195,7 @@ def test_datapipe_annotate_batch(fixtures):
 
     config = BuildConfig.from_dict(
         {
-            "components": "random",
+            "components": KIT,
             "device": "cpu",
             "dtype": "bfloat16",
             "pose": {"threshold": 0.0, "batch_size": 2},
@@ -200,4 +214,5 @@ def test_datapipe_annotate_batch(fixtures):
     captions = captioner(images)
     assert len(captions) == 2 and all(isinstance(c["caption"], str) for c in captions)
     assert captions[0] == captions[1]  # greedy decoding: the same image gives the same tokens
-    assert captioner.input_size == (224, 224)
+    if REAL:
+        assert captioner.input_size == (224, 224)

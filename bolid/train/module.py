@@ -83,6 +83,8 @@ class BoLIDTrainingModule(L.LightningModule):
         frozen_dtype: dtype of the frozen models: ``fp32``, ``bf16`` or ``fp16`` (needs a mixed-precision
             Trainer).
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+        compile_unet: ``torch.compile`` the frozen UNets in place (``nn.Module.compile``; the first steps are slow
+            while it compiles; ``make bench-gpu`` reports whether it pays off on your GPU).
         ema_decay: keep an exponential moving average of the adapter weights with this decay (``null`` = off).
         seed: base seed for per-step randomness.
         sample_every_n_steps: log a sample grid (reference | with ID | without ID) every this many steps
@@ -117,6 +119,7 @@ class BoLIDTrainingModule(L.LightningModule):
         min_score: float = 0.3,
         frozen_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
+        compile_unet: bool = False,
         ema_decay: float | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
@@ -226,6 +229,10 @@ class BoLIDTrainingModule(L.LightningModule):
             for unet in (self.unet, self.lightning_unet):
                 if unet is not None:
                     unet.enable_gradient_checkpointing()
+        if hp.compile_unet:
+            for unet in (self.unet, self.lightning_unet):
+                if unet is not None:
+                    unet.compile()
         self._ema: dict[str, torch.Tensor] | None = None
         self.cache = None
         if hp.cache_dir:
