@@ -456,7 +456,7 @@ def run_inference(bench: Bench, scale: Scale) -> None:
 def run_datapipe(bench: Bench, scale: Scale) -> None:
     from datapipe.annotate import Captioner, PoseModel
     from datapipe.config import BuildConfig
-    from datapipe.synthetic import synthetic_photo
+    from demo.synthetic import synthetic_photo
 
     dev = bench.device
     top = max(scale.datapipe_batches)
