@@ -245,10 +245,11 @@ def synthetic_batch(b: int, resolution: int, ref_size: int, device: torch.device
 
 def build_module(kit: str, stage: int, device: torch.device):
     """BoLID's training module, built directly on ``device`` (random init on a GPU takes seconds)."""
+    from bolid.kits import random as random_kit
     from bolid.train.module import BoLIDTrainingModule
 
     kw = dict(w_id=0.3, w_clip=0.1, lightning_steps=4, grad_steps=1) if stage == 2 else {}
-    with torch.device(device):
+    with random_kit.on_device(device):
         module = BoLIDTrainingModule(components=kit, stage=stage, frozen_dtype="bf16", warmup_steps=0, **kw)
     return module.to(device)
 
@@ -411,10 +412,11 @@ def run_compile(bench: Bench, scale: Scale, module) -> None:
 
 
 def run_inference(bench: Bench, scale: Scale) -> None:
+    from bolid.kits import random as random_kit
     from bolid.pipeline import BoLIDPipeline
 
     dev = bench.device
-    with torch.device(dev):
+    with random_kit.on_device(dev):
         pipe = BoLIDPipeline.from_components(scale.kit, lightning=True, device=dev, dtype=torch.bfloat16)
     ref = synthetic_batch(1, 8, scale.ref_size, dev)
     with torch.no_grad():

@@ -112,3 +112,11 @@ def test_every_shipped_config_names_its_source():
     assert len(files) >= 10
     for f in files:
         assert "_source" in json.loads(f.read_text()), f.name
+
+
+def test_on_device_sends_only_the_kits_builds_there():
+    with kit.on_device("meta"):
+        model, _ = kit.vitpose()
+        other = torch.zeros(1)  # the caller's own tensors stay where they were asked for
+    assert all(p.is_meta for p in model.parameters())
+    assert other.device.type == "cpu"

@@ -12,7 +12,8 @@ noise. Every builder takes
 
 * ``device``: ``"meta"`` builds instantly with no memory (parameter counts, shapes); ``"cpu"`` / ``"cuda"``
   allocates and initialises there (initialising SDXL's 2.6B-parameter UNet on a GPU takes a second);
-  ``None`` uses torch's default device (so ``with torch.device("cuda"):`` around any caller builds on the GPU);
+  ``None`` uses the device set by :func:`on_device` (so ``with on_device("cuda"):`` around any caller, such as
+  the training module, builds this kit's models on the GPU), else torch's default device;
 * ``dtype``: the parameters are created in this dtype (bf16 halves the memory of the build itself);
 * ``seed``: the same seed gives the same weights.
 
@@ -52,6 +53,29 @@ def _extra(name: str, key: str) -> dict[str, Any]:
     return data.get(key, {})
 
 
+_DEVICE: list[torch.device] = []
+
+
+@contextlib.contextmanager
+def on_device(device: str | torch.device) -> Iterator[None]:
+    """Build this kit's models on ``device`` when a builder is called without one (e.g. inside the training module).
+
+    Only the kit's own builders are affected, unlike ``with torch.device(...)``, which would also move tensors
+    that the caller's code creates on purpose on the CPU.
+    """
+    _DEVICE.append(torch.device(device))
+    try:
+        yield
+    finally:
+        _DEVICE.pop()
+
+
+def _where(device) -> torch.device | str:
+    if device is not None:
+        return device
+    return _DEVICE[-1] if _DEVICE else torch.get_default_device()
+
+
 @contextlib.contextmanager
 def _building(device: str | torch.device | None, dtype: torch.dtype | None, seed: int) -> Iterator[None]:
     """Create parameters on ``device`` in ``dtype``, seeded; restores torch's defaults afterwards."""
@@ -60,7 +84,7 @@ def _building(device: str | torch.device | None, dtype: torch.dtype | None, seed
     try:
         if dtype is not None:
             torch.set_default_dtype(dtype)
-        with torch.device(device if device is not None else torch.get_default_device()):
+        with torch.device(_where(device)):
             yield
     finally:
         torch.set_default_dtype(previous)
@@ -69,7 +93,7 @@ def _building(device: str | torch.device | None, dtype: torch.dtype | None, seed
 def _done(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     """Eval mode, and any stray buffer or parameter created outside the default dtype brought in line."""
     module.eval()
-    if str(device) != "meta" and dtype is not None:
+    if str(_where(device)) != "meta" and dtype is not None:
         tensors = [*module.parameters(), *module.buffers()]
         if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
             module.to(dtype=dtype)
@@ -253,8 +277,7 @@ def eva_clip(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
 
     name = config("eva02_l_14_336")["open_clip_model"]
     with _building(device, dtype, seed):
-        where = device if device is not None else torch.get_default_device()
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=where)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=_where(device))
     return _done(model, device, dtype), preprocess, open_clip.get_tokenizer(name)
 
 
