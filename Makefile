@@ -58,11 +58,11 @@ eval:  ## comparison table + figure: make eval [CONFIG=configs/eval.yaml]; the t
 	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval_tiny.yaml) $(EVAL_ARGS)
 
 bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
-	$(PY) bench/bench_adapter.py --write BENCHMARKS.md
-	$(PY) bench/bench_datapipe.py --write BENCHMARKS.md
-	$(PY) bench/bench_crawl.py --write BENCHMARKS.md
-	$(PY) bench/bench_train_data.py --write BENCHMARKS.md
-	$(PY) bench/bench_bodysim.py --write BENCHMARKS.md
+	$(PY) -m bench.bench_adapter --write BENCHMARKS.md
+	$(PY) -m bench.bench_datapipe --write BENCHMARKS.md
+	$(PY) -m bench.bench_crawl --write BENCHMARKS.md
+	$(PY) -m bench.bench_train_data --write BENCHMARKS.md
+	$(PY) -m bench.bench_bodysim --write BENCHMARKS.md
 
 check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs ~16 GB free)
 	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \

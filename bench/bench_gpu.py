@@ -456,6 +456,7 @@ def run_inference(bench: Bench, scale: Scale) -> None:
 
 
 def run_datapipe(bench: Bench, scale: Scale) -> None:
+    from bolid.kits import random as random_kit
     from datapipe.annotate import Captioner, PoseModel
     from datapipe.config import BuildConfig
     from demo.synthetic import synthetic_photo
@@ -476,6 +477,8 @@ def run_datapipe(bench: Bench, scale: Scale) -> None:
         )
 
     pose = PoseModel(config(top))
+    with random_kit.on_device(dev):  # the random kit builds straight on the GPU
+        pose.load()
     for n in scale.datapipe_batches:
 
         def pose_case(n=n):
@@ -487,6 +490,8 @@ def run_datapipe(bench: Bench, scale: Scale) -> None:
         bench.case("datapipe", f"RT-DETR + ViTPose, batch {n}", 5, pose_case)
     pose.close()
     captioner = Captioner(config(top))
+    with random_kit.on_device(dev):
+        captioner.load()
     for n in scale.datapipe_batches:
 
         def caption_case(n=n):

@@ -17,18 +17,15 @@ from typing import Any
 
 import yaml
 
-from bolid.components import COMPONENTS
+from bolid.components import COMPONENTS, KITS
 
-KINDS = ("real", "tiny", "random")
+KINDS = KITS
 
 
 @dataclass(frozen=True)
 class ComponentsConfig:
-    """Which weights to use and where from.
-
-    ``kind`` is ``"real"``, ``"tiny"`` or ``"random"`` (real size, random weights); ``overrides`` maps
-    component -> id or path.
-    """
+    """Which weights to use: ``kind`` is a kit (:data:`bolid.components.KITS`); ``overrides`` maps component -> id
+    or path."""
 
     kind: str = "real"
     overrides: dict[str, str] = field(default_factory=dict)
@@ -52,7 +49,7 @@ class ComponentsConfig:
 
     @classmethod
     def parse(cls, value: Any) -> ComponentsConfig:
-        """Accept ``"tiny"``, ``"real"``, ``"random"``, a mapping ``{kind, overrides}`` or an instance."""
+        """Accept ``"tiny"``, ``"real"``, a mapping ``{kind, overrides}`` or an instance."""
         if isinstance(value, ComponentsConfig):
             return value
         if value is None:
@@ -64,7 +61,7 @@ class ComponentsConfig:
             if extra:
                 raise ValueError(f"components: unknown key(s) {sorted(extra)}; valid keys are 'kind' and 'overrides'")
             return cls(kind=value.get("kind", "real"), overrides=dict(value.get("overrides") or {}))
-        raise ValueError(f"components must be 'real', 'tiny', 'random' or a mapping, got {type(value).__name__}")
+        raise ValueError(f"components must be 'real', 'tiny' or a mapping, got {type(value).__name__}")
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -351,27 +351,17 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
     CLIP-I share one CLIP.
 
     Args:
-        components: ``"real"`` (``openai/clip-vit-large-patch14`` via :func:`bolid.components.load_clip`)
-            or ``"tiny"`` (:func:`bolid.tiny.tiny_clip`).
+        components: the kit (``"real"``: ``openai/clip-vit-large-patch14``; ``"tiny"``, ...), see
+            :func:`bolid.components.load`.
         source: a hub id or local folder for the real model (see ``components.overrides.clip``).
     """
-    if components not in ("real", "tiny", "random"):
-        raise ValueError(f"components must be 'real', 'tiny' or 'random', got {components!r}")
+    from bolid import components as comp
+
+    comp.kit_module(components)  # an unknown kit fails here, not at the first metric
 
     @functools.cache
     def load() -> tuple:
-        if components == "tiny":
-            from bolid.tiny import tiny_clip
-
-            model, processor = tiny_clip()
-        elif components == "random":
-            from bolid.kits import random as kit
-
-            model, processor = kit.clip()
-        else:
-            from bolid.components import load_clip
-
-            model, processor = load_clip(source)
+        model, processor = comp.load("clip", components, source)
         return _FeatureTensors(model.eval().requires_grad_(False)), processor
 
     return load

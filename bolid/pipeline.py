@@ -92,8 +92,7 @@ class BoLIDPipeline:
         """Build from real weights or the tiny kit.
 
         Args:
-            components: ``"real"``, ``"tiny"``, ``"random"`` (real size, random weights) or a
-                :class:`ComponentsConfig` (per-component local paths).
+            components: ``"real"``, ``"tiny"`` or a :class:`ComponentsConfig` (per-component local paths).
             lightning: use the SDXL-Lightning UNet and its sampler; ``False`` runs the SDXL base UNet.
             adapter: an adapter folder written by :meth:`BodyConditionModule.save`; ``None`` builds a freshly
                 initialised (untrained) adapter.
@@ -110,36 +109,21 @@ class BoLIDPipeline:
         from diffusers import StableDiffusionXLPipeline
 
         from bolid import components as comp
-        from bolid import tiny
 
         cfg = ComponentsConfig.parse(components)
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if adapter is not None:
             BodyConditionModule.read_config(adapter)  # fail on a bad path before loading gigabytes
-        if cfg.tiny:
-            parts = tiny.tiny_sdxl_components()
-            base_unet = parts["unet"]
-            if lightning:
-                parts["unet"] = tiny.tiny_lightning_unet(parts["unet"])
-            image_encoder = ClipImageEncoder.from_components("tiny")
-        elif cfg.kind == "random":  # real size, random weights, built where and in the dtype they run
-            from bolid.kits import random as kit
-
-            parts = kit.sdxl_components(device=device, dtype=dtype)
-            base_unet = parts["unet"]
-            if lightning:
-                parts["unet"] = kit.lightning_unet(base_unet)
-            image_encoder = ClipImageEncoder.from_components("random")
-        else:
-            base = comp.load_sdxl(cfg.source("sdxl"), torch_dtype=dtype)
-            parts = dict(base.components)
-            base_unet = base.unet
-            if lightning:
-                parts["unet"] = comp.load_lightning_unet(base.unet, cfg.source("sdxl_lightning_unet"))
-            image_encoder = ClipImageEncoder.from_components("real", cfg.source("eva_clip"))
+        built = comp.build_parts(cfg, lightning=lightning, torch_dtype=dtype)
+        parts = dict(built.sdxl)
+        base_unet = parts["unet"]
         if lightning:
+            parts["unet"] = built.lightning_unet
             parts["scheduler"] = comp.lightning_scheduler(parts["scheduler"])
+        eva, _, _, eva_name = built.eva_clip
+        image_encoder = ClipImageEncoder(eva, eva_name)
+        del built
         sdxl = StableDiffusionXLPipeline(**parts)
         if sdxl.unet.dtype != dtype:
             sdxl.to(device, dtype)
@@ -152,7 +136,7 @@ class BoLIDPipeline:
         if adapter is not None:
             module = BodyConditionModule.load(adapter, base_unet, image_encoder)
         else:
-            if cfg.kind == "real":
+            if not cfg.tiny:
                 log.warning("no adapter given: using a freshly initialised, untrained adapter (identity will not hold)")
             module = BodyConditionModule(base_unet, image_encoder, adapter_config)
         module.to(device, dtype)

@@ -172,18 +172,9 @@ class Captioner:
         if self.model is not None:
             return
         dtype = self.config.resolved_dtype()
-        if self.config.components.tiny:
-            from bolid.tiny import tiny_blip2
+        from bolid.components import load
 
-            model, processor = tiny_blip2()
-        elif self.config.components.kind == "random":
-            from bolid.kits import random as kit
-
-            model, processor = kit.blip2(device=self.config.resolved_device(), dtype=dtype)
-        else:
-            from bolid.components import load_blip2
-
-            model, processor = load_blip2(self.config.components.source("blip2"), torch_dtype=dtype)
+        model, processor = load("blip2", self.config.components, torch_dtype=dtype)
         self.device = self.config.resolved_device()
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)

@@ -7,6 +7,10 @@
 4. **train**: ``configs/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
 5. **eval**: ``configs/eval_tiny.yaml``: the results table, ``comparison.png`` and every generated image.
 
+Every stage runs as its own command (``python -m crawler``, ``python -m datapipe``, ``python -m bolid``) in the
+project folder ``--root`` (default: the source checkout holding this package), whose ``configs/`` it uses and
+under which it writes ``runs/demo``; this process never changes its working directory.
+
 Every stage is resumable and a second run reuses what is done: the crawler skips stored photos, the
 datapipe its cached model outputs, training resumes from ``last.ckpt`` (or is skipped once it reached
 ``max_steps``), and eval is skipped when its results are newer than the adapter.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +27,8 @@ from pathlib import Path
 
 log = logging.getLogger("demo")
 
-ROOT = Path(__file__).resolve().parents[1]
+#: The source checkout this package sits in (the default ``--root``).
+CHECKOUT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("runs/demo")
 
 
@@ -34,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="override configs/tiny.yaml's max_steps")
     parser.add_argument("--skip-eval", action="store_true", help="stop after training")
     parser.add_argument("--quick", action="store_true", help="fewer photos, steps and prompts (what CI runs)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=CHECKOUT,
+        help="project folder with configs/; runs/demo goes under it (%(default)s)",
+    )
 
 
 def _site(photos: int):
@@ -81,10 +91,14 @@ def _last_step(ckpt: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from bolid.__main__ import main as bolid_main
-    from datapipe.__main__ import main as datapipe_main
+    root = args.root.resolve()
+    if not (root / "configs" / "tiny.yaml").is_file():
+        log.error("--root %s: no configs/tiny.yaml there; pass the BoLID project folder", root)
+        return 2
 
-    os.chdir(ROOT)  # configs use paths relative to the repository
+    def command(*argv: str) -> int:  # the configs' relative paths (runs/demo/..., configs/...) are root's
+        return subprocess.call([sys.executable, "-m", *argv], cwd=root)
+
     out = DEMO_DIR
     crawl, shards, train = out / "crawl", out / "shards", out / "train"
     photos = 6 if args.quick else args.photos
@@ -97,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         t = _stage("2/5 crawl with the real spider")
         cmd = [sys.executable, "-m", "crawler", "--out", str(crawl), "--base-url", server.base_url, "--no-polite",
                "--min-photos", str(photos), "--log-level", "WARNING"]  # fmt: skip
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, cwd=root)
         if code != 0:
             log.error("crawl failed (exit %d): %s", code, " ".join(cmd))
             return code
@@ -106,16 +120,18 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
 
     t = _stage("3/5 shards with the real datapipe on the tiny kit")
-    code = datapipe_main(["build", "--config", "configs/shards_tiny.yaml", "--in", str(crawl), "--out", str(shards)])
+    code = command(
+        "datapipe", "build", "--config", "configs/shards_tiny.yaml", "--in", str(crawl), "--out", str(shards)
+    )
     if code != 0:
         return code
     log.info("shards done (%.1f s)", time.monotonic() - t)
 
     t = _stage("4/5 train configs/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
-    config = yaml.safe_load(Path("configs/tiny.yaml").read_text())
+    config = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
     steps = args.train_steps or (6 if args.quick else config["trainer"]["max_steps"])
     ckpt = train / "checkpoints" / "last.ckpt"
-    done = _last_step(ckpt)
+    done = _last_step(root / ckpt)
     if done >= steps:
         log.info("training already reached step %d (%s): reusing it", done, ckpt)
     else:
@@ -123,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if done >= 0:
             argv += ["--ckpt_path", str(ckpt)]
             log.info("resuming training from step %d", done)
-        code = bolid_main(argv)
+        code = command("bolid", *argv)
         if code != 0:
             return code
     log.info("train done (%.1f s)", time.monotonic() - t)
@@ -133,13 +149,14 @@ def run(args: argparse.Namespace) -> int:
         t = _stage("5/5 eval configs/eval_tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
         adapter = train / "adapter" / "adapter.safetensors"
         results = eval_dir / "results.md"
+        results, adapter = root / results, root / adapter
         if results.is_file() and adapter.is_file() and results.stat().st_mtime > adapter.stat().st_mtime:
             log.info("results are newer than the adapter: reusing %s", results)
         else:
             argv = ["eval", "--config", "configs/eval_tiny.yaml", "--out", str(eval_dir)]
             if args.quick:
                 argv += ["--max-prompts", "1", "--images-per-prompt", "1"]
-            code = bolid_main(argv)
+            code = command("bolid", *argv)
             if code != 0:
                 return code
         log.info("eval done (%.1f s)", time.monotonic() - t)
@@ -156,14 +173,14 @@ def run(args: argparse.Namespace) -> int:
         ("results table", eval_dir / "results.md"),
         ("comparison figure", eval_dir / "comparison.png"),
     ]
-    print(f"\nBoLID demo finished in {time.monotonic() - t0:.0f} s. Outputs:")
+    print(f"\nBoLID demo finished in {time.monotonic() - t0:.0f} s. Outputs (in {root}):")
     for label, path in rows:
         if args.skip_eval and path.is_relative_to(eval_dir):
             continue
-        mark = "✓" if path.exists() else "✗ missing"
+        mark = "✓" if (root / path).exists() else "✗ missing"
         print(f"  {label:<24} {path}  {mark}")
     print(f"\nTensorBoard: tensorboard --logdir {train / 'tensorboard'}")
-    missing = [p for label, p in rows if not p.exists() and not (args.skip_eval and p.is_relative_to(eval_dir))]
+    missing = [p for _, p in rows if not (root / p).exists() and not (args.skip_eval and p.is_relative_to(eval_dir))]
     return 1 if missing else 0
 
 

@@ -32,7 +32,7 @@ def shared_testdata() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from bolid.tiny import tiny_sdxl_pipeline
+    from bolid.kits.tiny import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
 

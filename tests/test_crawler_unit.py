@@ -19,7 +19,7 @@ from scrapy.utils.test import get_crawler
 
 from crawler import layout
 from crawler.__main__ import build_parser, config_from_args
-from crawler.config import DEFAULT_CONFIG, CrawlConfig
+from crawler.config import CrawlConfig
 from crawler.items import PhotoItem
 from crawler.middlewares import RETRY_AFTER_MAX, BackoffRetryMiddleware, StayOnSiteMiddleware
 from crawler.pipelines import DedupPipeline, ImageCheckPipeline, ImageRejected, StorePipeline, inspect_image
@@ -27,6 +27,7 @@ from crawler.spiders.theplace import TheplaceSpider, parse_slugs
 from crawler.store import Store, read_jsonl, safe_identity
 from demo.site import DemoSite, claimed_size_jpeg, synthetic_jpeg
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "crawler"
 BASE = "https://www.theplace.ru"
 
@@ -481,7 +482,7 @@ def test_persons_file_lists_persons_without_photos(tmp_path):
 
 
 def test_every_crawl_yaml_parses():
-    config = CrawlConfig.from_yaml(DEFAULT_CONFIG)
+    config = CrawlConfig.from_yaml(ROOT / "configs" / "crawl.yaml")
     assert config == CrawlConfig()  # the YAML states the dataclass defaults
     impolite = config.impolite()
     assert impolite.download_delay == 0 and not impolite.autothrottle and impolite.concurrent_requests_per_domain == 16
@@ -494,7 +495,7 @@ def test_defaults_are_polite_and_the_yaml_agrees_with_the_settings_module():
     assert settings.CONCURRENT_REQUESTS_PER_DOMAIN == 1 and settings.DOWNLOAD_DELAY >= 1
     assert 429 in settings.RETRY_HTTP_CODES and 503 in settings.RETRY_HTTP_CODES
     assert "BoLID" in settings.USER_AGENT
-    from_yaml = CrawlConfig.from_yaml(DEFAULT_CONFIG).scrapy_settings()
+    from_yaml = CrawlConfig.from_yaml(ROOT / "configs" / "crawl.yaml").scrapy_settings()
     for key, value in from_yaml.items():
         if key not in ("AUTOTHROTTLE_START_DELAY", "DOWNLOAD_WARNSIZE", "CRAWL_OUT"):
             assert getattr(settings, key) == value, key

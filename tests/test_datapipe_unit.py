@@ -275,7 +275,7 @@ def test_read_index_errors(tmp_path):
 def test_captioner_returns_the_continuation_of_the_prompt():
     import torch
 
-    from bolid.tiny import tiny_blip2
+    from bolid.kits.tiny import tiny_blip2
 
     config = BuildConfig.from_yaml(ROOT / "configs" / "shards_tiny.yaml")
     images = [synthetic_photo(64, 64, s) for s in range(3)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bolid.components import load
 from bolid.config import ComponentsConfig
 from bolid.kits import random as kit
 
@@ -19,7 +20,7 @@ def count(module: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return kit.sdxl_components(device="meta")
+    return kit.sdxl(device="meta")
 
 
 def test_sdxl_parts_have_the_published_sizes_and_cost_no_memory(sdxl):
@@ -41,15 +42,15 @@ def test_sdxl_parts_have_the_published_sizes_and_cost_no_memory(sdxl):
 
 
 def test_lightning_unet_is_a_second_unet_of_the_same_config(sdxl):
-    lightning = kit.lightning_unet(sdxl["unet"])
+    lightning = load("sdxl_lightning_unet", "random", base_unet=sdxl["unet"])  # through the one loader
     assert lightning is not sdxl["unet"]
     assert count(lightning) == count(sdxl["unet"])
     assert dict(lightning.config) == dict(sdxl["unet"].config)
 
 
 def test_lightning_unet_can_share_the_base_weights():
-    base = kit.unet(dtype=torch.bfloat16, device="meta")
-    twin = kit.lightning_unet(base, share_weights=True)
+    base = kit.unet(torch_dtype=torch.bfloat16, device="meta")
+    twin = kit.sdxl_lightning_unet(base_unet=base, share_weights=True)
     shared = {id(p) for p in base.parameters()} & {id(p) for p in twin.parameters()}
     assert len(shared) == len(list(base.parameters()))  # the same tensors, not copies
 
@@ -66,14 +67,15 @@ def test_transformers_models_have_the_published_sizes(name):
 
 
 def test_eva_clip_has_the_published_size():
-    model, preprocess, tokenizer = kit.eva_clip(device="meta")
+    model, preprocess, tokenizer, name = kit.eva_clip(device="meta")
+    assert name == "EVA02-L-14-336"  # the real architecture's name, recorded in adapters
     assert count(model) == pytest.approx(kit.published_sizes()["eva_clip"][0], rel=0.005)
     assert count(model.visual) == 304_432_832  # timm eva02_large_patch14_clip_336
     assert model.visual.image_size in (336, (336, 336))
 
 
 def test_random_weights_are_seeded_initialised_and_in_the_asked_dtype():
-    a, b, c = (kit.vitpose(seed=s, dtype=torch.bfloat16)[0] for s in (3, 3, 4))
+    a, b, c = (kit.vitpose(seed=s, torch_dtype=torch.bfloat16)[0] for s in (3, 3, 4))
     wa, wb, wc = (m.backbone.encoder.layer[0].attention.attention.query.weight for m in (a, b, c))
     assert torch.equal(wa, wb)
     assert not torch.equal(wa, wc)
@@ -96,6 +98,15 @@ def test_blip2_tokenizer_keeps_the_image_token_id():
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 50265
     ids = processor.tokenizer("a photo of a person").input_ids
     assert max(ids) < 50265 and len(ids) < len("a photo of a person")  # merges apply
+
+
+def test_the_loader_reaches_every_builder_of_the_kit():
+    with kit.on_device("meta"):
+        for name in ("person_detector", "vitpose", "blip2", "clip", "eva_clip"):
+            model = load(name, ComponentsConfig.parse("random"))[0]
+            assert count(model) == pytest.approx(kit.published_sizes()[name][0], rel=0.03), name
+        parts = load("sdxl", "random", torch_dtype=torch.bfloat16)
+    assert next(parts["unet"].parameters()).dtype == torch.bfloat16
 
 
 def test_components_random_is_a_kind():

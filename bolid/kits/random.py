@@ -14,11 +14,12 @@ noise. Every builder takes
   allocates and initialises there (initialising SDXL's 2.6B-parameter UNet on a GPU takes a second);
   ``None`` uses the device set by :func:`on_device` (so ``with on_device("cuda"):`` around any caller, such as
   the training module, builds this kit's models on the GPU), else torch's default device;
-* ``dtype``: the parameters are created in this dtype (bf16 halves the memory of the build itself);
+* ``torch_dtype``: the parameters are created in this dtype (bf16 halves the memory of the build itself);
 * ``seed``: the same seed gives the same weights.
 
-The builder names are the ones every kit module exposes (``sdxl_components``, ``lightning_unet``,
-``person_detector``, ``vitpose``, ``blip2``, ``eva_clip``, ``clip``).
+The builders follow the kit contract of :mod:`bolid.kits` (``sdxl``, ``sdxl_lightning_unet``,
+``person_detector``, ``vitpose``, ``blip2``, ``eva_clip``, ``clip``; ``source`` is accepted and ignored), so
+``bolid.components.load(name, "random")`` and ``components: random`` in any config reach them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from typing import Any
 import torch
 
 SEED = 0
-EVA_CLIP = "EVA02-L-14-336"
 #: CLIP's vocabulary: 256 byte tokens, 256 end-of-word byte tokens, 48894 merges and 2 specials.
 CLIP_MERGES = 49408 - 512 - 2
 #: OPT's vocabulary size before BLIP-2 appends ``<image>`` (its id in Salesforce/blip2-opt-2.7b).
@@ -107,7 +107,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
     """CLIP's tokenizer (transformers ``CLIPTokenizer``) with its full vocabulary, built offline."""
     from transformers import CLIPTokenizer
 
-    from bolid.tiny import clip_tokenizer_files
+    from bolid.kits.tiny import clip_tokenizer_files
 
     d = clip_tokenizer_files(CLIP_MERGES)
     return CLIPTokenizer(
@@ -125,7 +125,7 @@ def opt_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2TokenizerFast
 
-    from bolid.tiny import _bytes_to_unicode, _cache_dir, clip_tokenizer_files
+    from bolid.kits.tiny import _bytes_to_unicode, _cache_dir, clip_tokenizer_files
 
     file = _cache_dir() / f"opt-tokenizer-{OPT_VOCAB}" / "tokenizer.json"
     if not file.exists():
@@ -154,22 +154,35 @@ def opt_tokenizer():
 
 
 # ------------------------------------------------------------------------------------------------------ SDXL
+# Builders follow the kit contract (bolid.kits): ``source`` first (ignored: nothing is loaded), then the
+# contract's options; ``seed`` and ``device`` are this kit's own, keyword-only.
 
 
-def unet(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
+def unet(seed: int = SEED, device=None, torch_dtype: torch.dtype | None = None):
     """SDXL base 1.0's UNet (2.567B parameters), random weights."""
     from diffusers import UNet2DConditionModel
 
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model = UNet2DConditionModel.from_config(config("sdxl_unet"))
-    return _done(model, device, dtype)
+    return _done(model, device, torch_dtype)
 
 
-def sdxl_components(seed: int = SEED, device=None, dtype: torch.dtype | None = None) -> dict:
-    """UNet, VAE, both text encoders + tokenizers and scheduler for ``StableDiffusionXLPipeline(**components)``."""
+def sdxl(
+    source: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    *,
+    seed: int = SEED,
+    device=None,
+) -> dict:
+    """UNet, VAE, both text encoders + tokenizers and scheduler for ``StableDiffusionXLPipeline(**components)``.
+
+    ``torch_dtype`` is the dtype the weights are created in (default float32); ``variant`` is ignored.
+    """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    dtype = torch_dtype
     tokenizers = _extra("sdxl_tokenizers", "tokenizer"), _extra("sdxl_tokenizers", "tokenizer_2")
     parts: dict[str, Any] = {"unet": unet(seed, device, dtype)}
     with _building(device, dtype, seed + 1):
@@ -187,19 +200,22 @@ def sdxl_components(seed: int = SEED, device=None, dtype: torch.dtype | None = N
     return parts
 
 
-def sdxl_pipeline(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
-    """A real ``StableDiffusionXLPipeline`` over :func:`sdxl_components`."""
+def sdxl_pipeline(seed: int = SEED, device=None, torch_dtype: torch.dtype | None = None):
+    """A real ``StableDiffusionXLPipeline`` over :func:`sdxl`."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**sdxl_components(seed, device, dtype))
+    pipe = StableDiffusionXLPipeline(**sdxl(None, torch_dtype, seed=seed, device=device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def lightning_unet(base_unet, seed: int = SEED + 7, share_weights: bool | None = None):
+def sdxl_lightning_unet(
+    source: str | None = None, *, base_unet, seed: int = SEED + 7, share_weights: bool | None = None
+):
     """The SDXL-Lightning UNet: SDXL's UNet config (the distilled checkpoint loads into it), random weights.
 
     Args:
+        source: ignored.
         base_unet: the base UNet; its config, device and dtype are reused.
         seed: weights seed (different from the base's, as the real distilled weights differ).
         share_weights: a second module object over the *same* parameter tensors (no extra memory). Shapes and
@@ -225,31 +241,36 @@ def lightning_unet(base_unet, seed: int = SEED + 7, share_weights: bool | None =
 # -------------------------------------------------------------------------------------- pose and detection
 
 
-def person_detector(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
+def person_detector(source: str | None = None, *, seed: int = SEED, device=None, torch_dtype=None):
     """RT-DETR r50vd (COCO + Objects365 config, 80 labels, 0 = person) and its 640x640 image processor."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor
 
     cfg = config("rtdetr_r50vd_coco_o365")
     id2label = {int(k): v for k, v in cfg.pop("id2label").items()}
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model = RTDetrForObjectDetection(RTDetrConfig(**cfg, id2label=id2label))
-    return _done(model, device, dtype), RTDetrImageProcessor(**_extra("rtdetr_r50vd_coco_o365", "_processor"))
+    processor = RTDetrImageProcessor(**_extra("rtdetr_r50vd_coco_o365", "_processor"))
+    return _done(model, device, torch_dtype), processor
 
 
-def vitpose(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
+def vitpose(source: str | None = None, *, seed: int = SEED, device=None, torch_dtype=None):
     """ViTPose-base with the simple decoder (17 COCO keypoints, 256x192 input) and its image processor."""
     from transformers import VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
 
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model = VitPoseForPoseEstimation(VitPoseConfig(**config("vitpose_base_simple")))
-    return _done(model, device, dtype), VitPoseImageProcessor(**_extra("vitpose_base_simple", "_processor"))
+    processor = VitPoseImageProcessor(**_extra("vitpose_base_simple", "_processor"))
+    return _done(model, device, torch_dtype), processor
 
 
 # ---------------------------------------------------------------------------------------------------- BLIP-2
 
 
-def blip2(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
-    """BLIP-2 OPT-2.7b (ViT-g, Q-Former, OPT-2.7b; 3.7B parameters) and a ``Blip2Processor`` (224 px)."""
+def blip2(source: str | None = None, torch_dtype: torch.dtype | None = None, *, seed: int = SEED, device=None):
+    """BLIP-2 OPT-2.7b (ViT-g, Q-Former, OPT-2.7b; 3.7B parameters) and a ``Blip2Processor`` (224 px).
+
+    ``torch_dtype`` is the dtype the weights are created in (bf16: 7.5 GB instead of 15 GB).
+    """
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     cfg = config("blip2_opt_2.7b")
@@ -259,36 +280,37 @@ def blip2(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=cfg["num_query_tokens"])
     if tokenizer.convert_tokens_to_ids("<image>") != cfg["image_token_index"]:
         raise RuntimeError("random kit: the OPT tokenizer's <image> id does not match blip2_opt_2.7b.json")
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model = Blip2ForConditionalGeneration(Blip2Config(**cfg))
-    return _done(model, device, dtype), processor
+    return _done(model, device, torch_dtype), processor
 
 
 # ------------------------------------------------------------------------------------------ EVA-CLIP / CLIP
 
 
-def eva_clip(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
-    """open_clip's EVA02-L-14-336 (timm ``Eva`` image tower at 336 px), its preprocess and tokenizer.
+def eva_clip(
+    source: str | None = None, pretrained: str | None = None, *, seed: int = SEED, device=None, torch_dtype=None
+):
+    """open_clip's EVA02-L-14-336 (timm ``Eva`` image tower at 336 px), its preprocess, tokenizer and name.
 
-    Returns:
-        ``(model, preprocess, tokenizer)`` like :func:`bolid.components.load_eva_clip`.
+    The name is the real architecture's, so an adapter made with this kit records what the real kit loads.
     """
     import open_clip
 
     name = config("eva02_l_14_336")["open_clip_model"]
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=_where(device))
-    return _done(model, device, dtype), preprocess, open_clip.get_tokenizer(name)
+    return _done(model, device, torch_dtype), preprocess, open_clip.get_tokenizer(name), name
 
 
-def clip(seed: int = SEED, device=None, dtype: torch.dtype | None = None):
+def clip(source: str | None = None, *, seed: int = SEED, device=None, torch_dtype=None):
     """transformers CLIP ViT-L/14 (224 px) and its ``CLIPProcessor``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    with _building(device, dtype, seed):
+    with _building(device, torch_dtype, seed):
         model = CLIPModel(CLIPConfig(**config("clip_vit_large_patch14")))
     image_processor = CLIPImageProcessor(**_extra("clip_vit_large_patch14", "_processor"))
-    return _done(model, device, dtype), CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
+    return _done(model, device, torch_dtype), CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
 
 
 @functools.cache

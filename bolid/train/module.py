@@ -58,7 +58,7 @@ class BoLIDTrainingModule(L.LightningModule):
     """Trains the Body-Condition Module (adapter + encoder heads) on a frozen SDXL.
 
     Args:
-        components: ``tiny``, ``random``, ``real`` or ``{kind: real, overrides: {sdxl: /path, ...}}``.
+        components: ``tiny``, ``real`` or ``{kind: real, overrides: {sdxl: /path, ...}}``.
         stage: 1 = reconstruction only on the SDXL base UNet; 2 = adds the body-ID and CLIP losses on the
             Lightning branch (needs the SDXL-Lightning UNet, ViTPose and EVA-CLIP).
         adapter: settings of a new adapter (see :class:`bolid.adapter.AdapterConfig`).
@@ -155,48 +155,28 @@ class BoLIDTrainingModule(L.LightningModule):
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
         from bolid import components as comp
-        from bolid import tiny
 
         hp = self.hparams
-        tiny_kit = self.cfg.tiny
-        if tiny_kit:
-            parts = tiny.tiny_sdxl_components()
-            eva, _, eva_tok = tiny.tiny_eva_clip()
-            eva_name = tiny.TINY_EVA_CLIP
-        elif self.cfg.kind == "random":  # real size, random weights, built in the frozen dtype
-            from bolid.kits import random as kit
-
-            parts = kit.sdxl_components(dtype=_DTYPES[hp.frozen_dtype])
-            eva, _, eva_tok = kit.eva_clip(dtype=_DTYPES[hp.frozen_dtype])
-            eva_name = kit.EVA_CLIP
-        else:
-            parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
-            eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
-            eva_name = self.cfg.source("eva_clip") or comp.COMPONENTS["eva_clip"].default
-        self.unet = parts["unet"]
-        self.vae = parts["vae"]
-        self.text_encoder = parts["text_encoder"]
-        self.text_encoder_2 = parts["text_encoder_2"]
-        self._prompt_pipe = StableDiffusionXLPipeline(**{**parts, "image_encoder": None, "feature_extractor": None})
-        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-        self.lightning_unet = None
+        # bf16 frozen weights are built (random kit) or loaded in bf16 directly: half the peak memory of a cast.
+        build_dtype = torch.bfloat16 if hp.frozen_dtype == "bf16" else torch.float32
+        parts = comp.build_parts(
+            self.cfg, lightning=hp.stage == 2 or bool(hp.sample_every_n_steps), torch_dtype=build_dtype
+        )
+        eva, _, eva_tok, eva_name = parts.eva_clip
+        self.unet = parts.sdxl["unet"]
+        self.vae = parts.sdxl["vae"]
+        self.text_encoder = parts.sdxl["text_encoder"]
+        self.text_encoder_2 = parts.sdxl["text_encoder_2"]
+        self._prompt_pipe = StableDiffusionXLPipeline(
+            **{**parts.sdxl, "image_encoder": None, "feature_extractor": None}
+        )
+        self.noise_scheduler = DDPMScheduler.from_config(parts.sdxl["scheduler"].config)
+        self.lightning_unet = parts.lightning_unet
         self.pose = None
         self.clip_loss = None
-        if hp.stage == 2 or hp.sample_every_n_steps:
-            if tiny_kit:
-                self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
-            elif self.cfg.kind == "random":
-                self.lightning_unet = kit.lightning_unet(self.unet)
-            elif hp.stage == 2:
-                self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
-        self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
+        self.sample_scheduler = comp.lightning_scheduler(parts.sdxl["scheduler"])
         if hp.stage == 2:
-            if tiny_kit:
-                pose_model, pose_proc = tiny.tiny_vitpose()
-            elif self.cfg.kind == "random":
-                pose_model, pose_proc = kit.vitpose(dtype=_DTYPES[hp.frozen_dtype])
-            else:
-                pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
+            pose_model, pose_proc = comp.load("vitpose", self.cfg)
             self.pose = DifferentiablePose(pose_model, pose_proc)
         image_encoder = ClipImageEncoder(eva, eva_name)
         if hp.stage == 2:
