@@ -14,9 +14,10 @@ SDXL's UNet halves it twice), in bfloat16:
 It needs about 16 GB of RAM and many minutes, so it is not part of ``make test``: run it with
 ``make check-real-size``, which sets ``BOLID_REAL_SIZE=1`` and runs each test in its own process (so each
 step's peak RSS is its own and a failure frees its memory); with ``BOLID_REAL_SIZE_REPORT=BENCHMARKS.md`` each
-step's time and peak RSS are kept in ``runs/real_size/figures.json`` and written into that file. Stage 2
-shares one set of UNet weights between the base and Lightning UNets (``BOLID_RANDOM_SHARE_LIGHTNING=1``): two
-module objects, so the wiring is that of two UNets, with one UNet's memory. ``BOLID_REAL_SIZE_KIT=tiny`` runs
+step's time and peak RSS are kept in ``runs/real_size/figures.json`` and written into that file. Stage 2 and
+generation share one set of UNet weights between the base and Lightning UNets
+(``BOLID_RANDOM_SHARE_LIGHTNING=1``): two module objects, so the wiring is that of two UNets, with one UNet's
+memory. ``BOLID_REAL_SIZE_KIT=tiny`` runs
 the same steps on the tiny kit in seconds (a dry run of this module, not a real-size check).
 """
 
@@ -168,8 +169,10 @@ def test_stage2_training_step(tiny_shards, tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------------------- generate
 
 
-def test_generate_one_image(fixtures):
+def test_generate_one_image(fixtures, monkeypatch):
     from bolid.pipeline import BoLIDPipeline
+
+    monkeypatch.setenv("BOLID_RANDOM_SHARE_LIGHTNING", "1")
 
     pipe = BoLIDPipeline.from_components(KIT, lightning=True, dtype=torch.bfloat16, pose_threshold=0.0)
     photo = fixtures / "coco_000000000785.jpg"
