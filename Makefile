@@ -67,10 +67,12 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs ~16 GB free)
 	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
 	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
-	@rm -f runs/real_size/figures.json; status=0; for step in $(REAL_SIZE_STEPS); do \
+	@$(if $(filter command line,$(origin REAL_SIZE_STEPS)),,rm -f runs/real_size/figures.json;) status=0; \
+	for step in $(REAL_SIZE_STEPS); do \
 	  BOLID_REAL_SIZE=1 BOLID_REAL_SIZE_REPORT=BENCHMARKS.md nice -n 10 $(PY) -m pytest -p no:cacheprovider -q \
 	    -m real_size "tests/test_real_size.py::$$step" $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
+# Default: all four steps, a fresh figures table; REAL_SIZE_STEPS=... reruns some and keeps the others' figures.
 REAL_SIZE_STEPS ?= test_stage1_training_step test_stage2_training_step test_generate_one_image \
 	test_datapipe_annotate_batch
 
