@@ -71,12 +71,21 @@ def measure(request):
 
     gc.collect()
     _reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     yield
-    figures = {"seconds": time.perf_counter() - t0, "peak_rss_gib": _peak_rss_gib(), "kit": KIT}
+    figures = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,  # all threads; wall time on a shared machine says little
+        "peak_rss_gib": _peak_rss_gib(),
+        "kit": KIT,
+    }
     gc.collect()
     if os.environ.get("BOLID_REAL_SIZE_REPORT") and REAL:
         _report(request.node.name, figures, os.environ["BOLID_REAL_SIZE_REPORT"])
+
+
+def _cpu(figures: dict) -> str:
+    return f"{figures['cpu_seconds']:.0f}" if "cpu_seconds" in figures else "-"
 
 
 def _report(name: str, figures: dict, target: str) -> None:
@@ -91,7 +100,7 @@ def _report(name: str, figures: dict, target: str) -> None:
     order = ["test_stage1_training_step", "test_stage2_training_step", "test_generate_one_image",
              "test_datapipe_annotate_batch"]  # fmt: skip
     rows = [
-        f"| {n} | {known[n]['seconds']:.0f} | {known[n]['peak_rss_gib']:.1f} |"
+        f"| {n} | {known[n]['seconds']:.0f} | {_cpu(known[n])} | {known[n]['peak_rss_gib']:.1f} |"
         for n in sorted(known, key=lambda n: order.index(n) if n in order else len(order))
     ]
     threads = torch.get_num_threads()
@@ -104,8 +113,8 @@ def _report(name: str, figures: dict, target: str) -> None:
             "(random initialisation of ~3.5B parameters dominates). Peak RSS is the process's high-water mark "
             "during that step alone (VmHWM reset before it).",
             "",
-            "| step | seconds | peak RSS (GiB) |",
-            "|---|---|---|",
+            "| step | wall seconds | CPU seconds | peak RSS (GiB) |",
+            "|---|---|---|---|",
             *rows,
             "",
             f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch "
