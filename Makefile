@@ -42,20 +42,20 @@ format:  ## ruff format + autofix
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-crawl:  ## crawl ThePlace into OUT (configs/crawl.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
+crawl:  ## crawl ThePlace into OUT (configs/crawl/theplace.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
 	$(PY) -m crawler $(if $(OUT),--out $(OUT)) $(if $(PERSONS),--persons $(PERSONS)) \
 	  $(if $(BASE_URL),--base-url $(BASE_URL)) $(CRAWL_ARGS)
 
 shards:  ## build WebDataset shards: make shards IN=<crawl out or <identity>/ folder> OUT=<dir> [CONFIG=...]
-	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make shards IN=... OUT=... [CONFIG=configs/shards.yaml]"; exit 2; }
-	$(PY) -m datapipe build --config $(or $(CONFIG),configs/shards.yaml) --in $(IN) --out $(OUT) $(SHARDS_ARGS)
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make shards IN=... OUT=... [CONFIG=configs/shards/real.yaml]"; exit 2; }
+	$(PY) -m datapipe build --config $(or $(CONFIG),configs/shards/real.yaml) --in $(IN) --out $(OUT) $(SHARDS_ARGS)
 
-train:  ## train the adapter: make train [CONFIG=configs/tiny.yaml] [SHARDS=$(DEMO_DIR)/shards] [TRAIN_ARGS=...]
-	$(PY) -m bolid fit --config $(or $(CONFIG),configs/tiny.yaml) --data.shards $(or $(SHARDS),$(DEMO_DIR)/shards) \
+train:  ## train the adapter: make train [CONFIG=configs/fit/tiny.yaml] [SHARDS=$(DEMO_DIR)/shards] [TRAIN_ARGS=...]
+	$(PY) -m bolid fit --config $(or $(CONFIG),configs/fit/tiny.yaml) --data.shards $(or $(SHARDS),$(DEMO_DIR)/shards) \
 	  $(TRAIN_ARGS)
 
-eval:  ## comparison table + figure: make eval [CONFIG=configs/eval.yaml]; the tiny default needs `make demo` first
-	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval_tiny.yaml) $(EVAL_ARGS)
+eval:  ## comparison table + figure: make eval [CONFIG=configs/eval/real.yaml]; the tiny default needs `make demo` first
+	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval/tiny.yaml) $(EVAL_ARGS)
 
 bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 	$(PY) -m bench.bench_adapter --write BENCHMARKS.md
@@ -67,10 +67,12 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs ~16 GB free)
 	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
 	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
-	@rm -f runs/real_size/figures.json; status=0; for step in $(REAL_SIZE_STEPS); do \
+	@$(if $(filter command line,$(origin REAL_SIZE_STEPS)),,rm -f runs/real_size/figures.json;) status=0; \
+	for step in $(REAL_SIZE_STEPS); do \
 	  BOLID_REAL_SIZE=1 BOLID_REAL_SIZE_REPORT=BENCHMARKS.md nice -n 10 $(PY) -m pytest -p no:cacheprovider -q \
 	    -m real_size "tests/test_real_size.py::$$step" $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
+# Default: all four steps, a fresh figures table; REAL_SIZE_STEPS=... reruns some and keeps the others' figures.
 REAL_SIZE_STEPS ?= test_stage1_training_step test_stage2_training_step test_generate_one_image \
 	test_datapipe_annotate_batch
 

@@ -41,7 +41,7 @@ def make_shards(root: Path, identities: int, photos: int, size: tuple[int, int])
         for j in range(photos):
             synthetic_photo(*size, seed=1000 * i + j, figures=1).save(src / f"person-{i}" / f"{j}.jpg", quality=90)
     out = root / "shards"
-    argv = ["build", "--config", str(ROOT / "configs" / "shards_tiny.yaml"), "--in", str(src), "--out", str(out)]
+    argv = ["build", "--config", str(ROOT / "configs" / "shards" / "tiny.yaml"), "--in", str(src), "--out", str(out)]
     if datapipe_main(argv) != 0:
         raise SystemExit("datapipe build failed")
     return out

@@ -1,6 +1,6 @@
 """Config plumbing shared by every stage: YAML loading with clear errors and the ``components`` switch.
 
-Every YAML in ``configs/`` may carry a ``components`` entry that picks real weights or the
+Every YAML in ``configs/<command>/`` may carry a ``components`` entry that picks real weights or the
 tiny kit, in either form::
 
     components: tiny                # tests, demo, benchmarks: tiny random-init twins

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML of settings (keys as configs/crawl.yaml); default: the built-in defaults")
+    p.add_argument(
+        "--config", help="YAML of settings (keys as configs/crawl/theplace.yaml); default: the built-in defaults"
+    )
     what = p.add_argument_group("what to crawl")
     what.add_argument(
         "--base-url", help="site root, e.g. https://www.theplace.ru or a local copy http://127.0.0.1:8765"

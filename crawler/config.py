@@ -1,4 +1,4 @@
-"""Crawl configuration: the defaults (this dataclass; ``configs/crawl.yaml`` states them with comments), their
+"""Crawl configuration: the defaults (this dataclass; ``configs/crawl/theplace.yaml`` states them with comments), their
 validation, and the Scrapy settings and spider arguments they become.
 
 :class:`CrawlConfig` has one field per YAML key; ``python -m crawler`` has one flag per field. Unknown keys and
@@ -19,7 +19,7 @@ import yaml
 
 @dataclass(frozen=True)
 class CrawlConfig:
-    """All knobs of a crawl (the YAML keys; comments in ``configs/crawl.yaml``)."""
+    """All knobs of a crawl (the YAML keys; comments in ``configs/crawl/theplace.yaml``)."""
 
     base_url: str = "https://www.theplace.ru"
     out: str = "data/crawl"

@@ -3,9 +3,9 @@
 1. **site**: a local ThePlace look-alike on 127.0.0.1 (:mod:`demo.site`) showing five drawn people
    with distinct body proportions (:mod:`demo.people`), many poses each, plus small and broken files;
 2. **crawl**: the real ``theplace`` spider against it (politeness off: it is our own server);
-3. **shards**: the real datapipe with ``configs/shards_tiny.yaml`` (tiny random-init models);
-4. **train**: ``configs/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
-5. **eval**: ``configs/eval_tiny.yaml``: the results table, ``comparison.png`` and every generated image.
+3. **shards**: the real datapipe with ``configs/shards/tiny.yaml`` (tiny random-init models);
+4. **train**: ``configs/fit/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
+5. **eval**: ``configs/eval/tiny.yaml``: the results table, ``comparison.png`` and every generated image.
 
 Every stage runs as its own command (``python -m crawler``, ``python -m datapipe``, ``python -m bolid``) in the
 project folder ``--root`` (default: the source checkout holding this package), whose ``configs/`` it uses and
@@ -35,7 +35,7 @@ DEMO_DIR = Path("runs/demo")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--photos", type=int, default=12, help="good photos per demo person (default 12)")
     parser.add_argument("--port", type=int, default=8765, help="port of the local demo site (0: any free port)")
-    parser.add_argument("--train-steps", type=int, default=None, help="override configs/tiny.yaml's max_steps")
+    parser.add_argument("--train-steps", type=int, default=None, help="override configs/fit/tiny.yaml's max_steps")
     parser.add_argument("--skip-eval", action="store_true", help="stop after training")
     parser.add_argument("--quick", action="store_true", help="fewer photos, steps and prompts (what CI runs)")
     parser.add_argument(
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     root = args.root.resolve()
-    if not (root / "configs" / "tiny.yaml").is_file():
-        log.error("--root %s: no configs/tiny.yaml there; pass the BoLID project folder", root)
+    if not (root / "configs" / "fit" / "tiny.yaml").is_file():
+        log.error("--root %s: no configs/fit/tiny.yaml there; pass the BoLID project folder", root)
         return 2
 
     def command(*argv: str) -> int:  # the configs' relative paths (runs/demo/..., configs/...) are root's
@@ -121,21 +121,29 @@ def run(args: argparse.Namespace) -> int:
 
     t = _stage("3/5 shards with the real datapipe on the tiny kit")
     code = command(
-        "datapipe", "build", "--config", "configs/shards_tiny.yaml", "--in", str(crawl), "--out", str(shards)
+        "datapipe", "build", "--config", "configs/shards/tiny.yaml", "--in", str(crawl), "--out", str(shards)
     )
     if code != 0:
         return code
     log.info("shards done (%.1f s)", time.monotonic() - t)
 
-    t = _stage("4/5 train configs/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
-    config = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+    t = _stage("4/5 train configs/fit/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
+    config = yaml.safe_load((root / "configs" / "fit" / "tiny.yaml").read_text())
     steps = args.train_steps or (6 if args.quick else config["trainer"]["max_steps"])
     ckpt = train / "checkpoints" / "last.ckpt"
     done = _last_step(root / ckpt)
     if done >= steps:
         log.info("training already reached step %d (%s): reusing it", done, ckpt)
     else:
-        argv = ["fit", "--config", "configs/tiny.yaml", "--data.shards", str(shards), "--trainer.max_steps", str(steps)]
+        argv = [
+            "fit",
+            "--config",
+            "configs/fit/tiny.yaml",
+            "--data.shards",
+            str(shards),
+            "--trainer.max_steps",
+            str(steps),
+        ]
         if done >= 0:
             argv += ["--ckpt_path", str(ckpt)]
             log.info("resuming training from step %d", done)
@@ -146,14 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
     eval_dir = out / "eval"
     if not args.skip_eval:
-        t = _stage("5/5 eval configs/eval_tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
+        t = _stage("5/5 eval configs/eval/tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
         adapter = train / "adapter" / "adapter.safetensors"
         results = eval_dir / "results.md"
         results, adapter = root / results, root / adapter
         if results.is_file() and adapter.is_file() and results.stat().st_mtime > adapter.stat().st_mtime:
             log.info("results are newer than the adapter: reusing %s", results)
         else:
-            argv = ["eval", "--config", "configs/eval_tiny.yaml", "--out", str(eval_dir)]
+            argv = ["eval", "--config", "configs/eval/tiny.yaml", "--out", str(eval_dir)]
             if args.quick:
                 argv += ["--max-prompts", "1", "--images-per-prompt", "1"]
             code = command("bolid", *argv)

@@ -482,7 +482,7 @@ def test_persons_file_lists_persons_without_photos(tmp_path):
 
 
 def test_every_crawl_yaml_parses():
-    config = CrawlConfig.from_yaml(ROOT / "configs" / "crawl.yaml")
+    config = CrawlConfig.from_yaml(ROOT / "configs" / "crawl" / "theplace.yaml")
     assert config == CrawlConfig()  # the YAML states the dataclass defaults
     impolite = config.impolite()
     assert impolite.download_delay == 0 and not impolite.autothrottle and impolite.concurrent_requests_per_domain == 16
@@ -495,7 +495,7 @@ def test_defaults_are_polite_and_the_yaml_agrees_with_the_settings_module():
     assert settings.CONCURRENT_REQUESTS_PER_DOMAIN == 1 and settings.DOWNLOAD_DELAY >= 1
     assert 429 in settings.RETRY_HTTP_CODES and 503 in settings.RETRY_HTTP_CODES
     assert "BoLID" in settings.USER_AGENT
-    from_yaml = CrawlConfig.from_yaml(ROOT / "configs" / "crawl.yaml").scrapy_settings()
+    from_yaml = CrawlConfig.from_yaml(ROOT / "configs" / "crawl" / "theplace.yaml").scrapy_settings()
     for key, value in from_yaml.items():
         if key not in ("AUTOTHROTTLE_START_DELAY", "DOWNLOAD_WARNSIZE", "CRAWL_OUT"):
             assert getattr(settings, key) == value, key

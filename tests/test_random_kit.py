@@ -131,3 +131,14 @@ def test_on_device_sends_only_the_kits_builds_there():
         other = torch.zeros(1)  # the caller's own tensors stay where they were asked for
     assert all(p.is_meta for p in model.parameters())
     assert other.device.type == "cpu"
+
+
+def test_random_detector_reports_persons():
+    from PIL import Image
+
+    model, processor = kit.person_detector()
+    inputs = processor(images=[Image.new("RGB", (320, 240), (90, 120, 150))], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    found = processor.post_process_object_detection(out, target_sizes=torch.tensor([(240, 320)]), threshold=0.5)[0]
+    assert len(found["labels"]) > 0 and (found["labels"] == 0).all()  # persons, so ViTPose and the filters run

@@ -191,7 +191,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path)
 def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     from bolid.train.cli import main
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "fit" / "tiny.yaml").read_text())
     config["trainer"]["max_steps"] = 4
     config["trainer"]["val_check_interval"] = 2
     config["trainer"]["enable_progress_bar"] = False
@@ -237,7 +237,7 @@ def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "bolid", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, "-m", "bolid", "fit", "--config", str(ROOT / "configs" / "fit" / "tiny.yaml"),
            "--data.shards", str(tiny_shards), "--data.resampled", "true", "--data.epoch_pairs", "4",
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "null",

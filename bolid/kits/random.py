@@ -38,6 +38,8 @@ import torch
 SEED = 0
 #: CLIP's vocabulary: 256 byte tokens, 256 end-of-word byte tokens, 48894 merges and 2 specials.
 CLIP_MERGES = 49408 - 512 - 2
+#: Added to the random RT-DETR's "person" logit (label 0) so that it reports persons (see person_detector).
+PERSON_LOGIT_BOOST = 6.0
 #: OPT's vocabulary size before BLIP-2 appends ``<image>`` (its id in Salesforce/blip2-opt-2.7b).
 OPT_VOCAB = 50265
 
@@ -249,6 +251,14 @@ def person_detector(source: str | None = None, *, seed: int = SEED, device=None,
     id2label = {int(k): v for k, v in cfg.pop("id2label").items()}
     with _building(device, torch_dtype, seed):
         model = RTDetrForObjectDetection(RTDetrConfig(**cfg, id2label=id2label))
+        # Random class heads never rank "person" first, and then nothing downstream (ViTPose, the identity
+        # filters, reference photos) would run. Raise the person logit in every class head so that the random
+        # detector reports persons, at random places, as the real one does on BoLID's photos.
+        heads = {id(m): m for n, m in model.named_modules() if n.endswith("enc_score_head") or ".class_embed." in n}
+        with torch.no_grad():
+            for head in heads.values():
+                if not head.bias.is_meta:
+                    head.bias[0] += PERSON_LOGIT_BOOST
     processor = RTDetrImageProcessor(**_extra("rtdetr_r50vd_coco_o365", "_processor"))
     return _done(model, device, torch_dtype), processor
 

@@ -19,7 +19,7 @@ model): (1) ``L_diff`` stays on in every step, so a degraded generator is still 
 photos; (2) the ID terms compare *pose-invariant proportions* by default, which a blur cannot fake
 (blurred keypoints lose confidence and are masked out, and the mask is detached); (3) the ID branch
 runs only every ``id_every_n_steps`` steps and only after ``id_start_step``, once the adapter gives
-useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/stage2.yaml`` keep the ID
+useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/fit/stage2.yaml`` keep the ID
 terms below the diffusion loss, as PuLID weights its alignment losses; (5) evaluation measures Body
 Sim with a *different* pose model (BlazePose).
 
