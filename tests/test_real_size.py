@@ -109,8 +109,8 @@ def _report(name: str, figures: dict, target: str) -> None:
             "## Real-size shape check on the CPU (`make check-real-size`)",
             "",
             f"Random-init real architectures (`components: random`), bfloat16, {LATENT}x{LATENT} latents "
-            f"({PIXELS} px), batch 1. Each step builds its own models; the time includes building them "
-            "(random initialisation of ~3.5B parameters dominates). Peak RSS is the process's high-water mark "
+            f"({PIXELS} px), batch 1. Each step runs in its own process and builds its own models; the times "
+            "include building them. Peak RSS is the process's high-water mark "
             "during that step alone (VmHWM reset before it).",
             "",
             "| step | wall seconds | CPU seconds | peak RSS (GiB) |",
