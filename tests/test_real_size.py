@@ -140,7 +140,7 @@ def _fit(shards: Path, tmp: Path, **model_kw) -> tuple:
     )
     before = {k: p.detach().clone() for k, p in module.trainable_named_parameters().items()}
     frozen = module.unet.conv_in.weight.detach().clone()
-    dm = PairDataModule(str(shards), resolution=PIXELS, ref_size=64, batch_size=1, num_workers=0, shuffle_buffer=2)
+    dm = PairDataModule(str(shards), resolution=PIXELS, batch_size=1, num_workers=0, shuffle_buffer=2)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
