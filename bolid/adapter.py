@@ -468,11 +468,11 @@ class BodyConditionModule(nn.Module):
             )
         enc = meta["image_encoder"]
         if image_encoder is None:
+            from bolid.kits.mini import EVA_NAME as MINI_EVA_CLIP
             from bolid.tiny import TINY_EVA_CLIP
 
-            image_encoder = ClipImageEncoder.from_components(
-                "tiny" if enc["name"] == TINY_EVA_CLIP else "real", enc["name"]
-            )
+            kind = {TINY_EVA_CLIP: "tiny", MINI_EVA_CLIP: "mini"}.get(enc["name"], "real")
+            image_encoder = ClipImageEncoder.from_components(kind, enc["name"])
             image_encoder.to(unet.device)
         if image_encoder.embed_dim != enc["embed_dim"]:
             raise AdapterShapeError(

@@ -4,6 +4,7 @@ Every YAML in ``configs/`` may carry a ``components`` entry that picks real weig
 tiny kit, in either form::
 
     components: tiny                # tests, demo, benchmarks: tiny random-init twins
+    components: mini                # small components trained on the BoLID-mini world (bolid/kits/mini.py)
     components:                     # real weights, some from local folders
       kind: real
       overrides: {sdxl: /models/sdxl-base, vitpose: /models/vitpose-base-simple}
@@ -19,7 +20,7 @@ import yaml
 
 from bolid.components import COMPONENTS
 
-KINDS = ("real", "tiny")
+KINDS = ("real", "tiny", "mini")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class ComponentsConfig:
     def tiny(self) -> bool:
         return self.kind == "tiny"
 
+    @property
+    def mini(self) -> bool:
+        """The mini kit (:mod:`bolid.kits.mini`): small components trained on the BoLID-mini world."""
+        return self.kind == "mini"
+
     def source(self, name: str) -> str | None:
         """The override for component ``name``, or ``None`` for its default."""
         return self.overrides.get(name)
@@ -60,7 +66,7 @@ class ComponentsConfig:
             if extra:
                 raise ValueError(f"components: unknown key(s) {sorted(extra)}; valid keys are 'kind' and 'overrides'")
             return cls(kind=value.get("kind", "real"), overrides=dict(value.get("overrides") or {}))
-        raise ValueError(f"components must be 'real', 'tiny' or a mapping, got {type(value).__name__}")
+        raise ValueError(f"components must be 'real', 'tiny', 'mini' or a mapping, got {type(value).__name__}")
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -77,12 +77,17 @@ class ClipImageEncoder(nn.Module):
 
             model, _, _ = tiny.tiny_eva_clip()
             return cls(model, tiny.TINY_EVA_CLIP)
+        if kind == "mini":
+            from bolid.kits import mini
+
+            model, _, _ = mini.eva_clip()
+            return cls(model, mini.EVA_NAME)
         if kind == "real":
             from bolid import components
 
             model, _, _ = components.load_eva_clip(source, pretrained)
             return cls(model, source or components.COMPONENTS["eva_clip"].default)
-        raise ValueError(f"image encoder kind must be 'real' or 'tiny', got {kind!r}")
+        raise ValueError(f"image encoder kind must be 'real', 'tiny' or 'mini', got {kind!r}")
 
     def train(self, mode: bool = True) -> ClipImageEncoder:
         return super().train(False)  # always frozen: keep dropout / norm statistics in eval mode

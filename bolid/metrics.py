@@ -352,11 +352,11 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
 
     Args:
         components: ``"real"`` (``openai/clip-vit-large-patch14`` via :func:`bolid.components.load_clip`)
-            or ``"tiny"`` (:func:`bolid.tiny.tiny_clip`).
+            , ``"tiny"`` (:func:`bolid.tiny.tiny_clip`) or ``"mini"`` (:func:`bolid.kits.mini.clip`, trained).
         source: a hub id or local folder for the real model (see ``components.overrides.clip``).
     """
-    if components not in ("real", "tiny"):
-        raise ValueError(f"components must be 'real' or 'tiny', got {components!r}")
+    if components not in ("real", "tiny", "mini"):
+        raise ValueError(f"components must be 'real', 'tiny' or 'mini', got {components!r}")
 
     @functools.cache
     def load() -> tuple:
@@ -364,6 +364,10 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
             from bolid.tiny import tiny_clip
 
             model, processor = tiny_clip()
+        elif components == "mini":
+            from bolid.kits.mini import clip
+
+            model, processor = clip()
         else:
             from bolid.components import load_clip
 

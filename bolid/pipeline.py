@@ -122,6 +122,12 @@ class BoLIDPipeline:
             if lightning:
                 parts["unet"] = tiny.tiny_lightning_unet(parts["unet"])
             image_encoder = ClipImageEncoder.from_components("tiny")
+        elif cfg.mini:
+            from bolid.kits import mini
+
+            parts = mini.sdxl_components()
+            base_unet = parts["unet"]
+            image_encoder = ClipImageEncoder.from_components("mini")
         else:
             base = comp.load_sdxl(cfg.source("sdxl"), torch_dtype=dtype)
             parts = dict(base.components)
@@ -143,11 +149,15 @@ class BoLIDPipeline:
         if adapter is not None:
             module = BodyConditionModule.load(adapter, base_unet, image_encoder)
         else:
-            if not cfg.tiny:
+            if cfg.kind == "real":
                 log.warning("no adapter given: using a freshly initialised, untrained adapter (identity will not hold)")
             module = BodyConditionModule(base_unet, image_encoder, adapter_config)
         module.to(device, dtype)
         del base_unet
+        if extractor is None and cfg.mini:
+            from bolid.pose import build_extractor
+
+            extractor = build_extractor("vitpose", "mini", device=device, threshold=pose_threshold)
         if extractor is None:
             extractor = VitPoseExtractor.from_components(
                 cfg.kind,

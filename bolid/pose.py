@@ -136,6 +136,8 @@ class VitPoseExtractor(PoseExtractor):
         **kwargs,
     ) -> VitPoseExtractor:
         """Build from real weights (``components="real"``, optional local paths) or the tiny kit (``"tiny"``)."""
+        if components == "mini":
+            raise ValueError("the mini kit has no person detector: use bolid.pose.build_extractor('vitpose', 'mini')")
         if components == "tiny":
             from bolid import tiny
 
@@ -270,7 +272,12 @@ class BlazePoseExtractor(PoseExtractor):
 
 
 def build_extractor(backend: str = "vitpose", components: str = "real", **kwargs) -> PoseExtractor:
-    """Build a pose extractor by name: ``"vitpose"`` (``components`` real or tiny) or ``"blazepose"``."""
+    """Build a pose extractor by name: ``"vitpose"`` (``components`` real, tiny or mini) or ``"blazepose"``."""
+    if backend == "vitpose" and components == "mini":
+        from bolid.kits.mini import pose_extractor  # one person per render: full-frame ViTPose, no detector
+
+        kwargs = {k: v for k, v in kwargs.items() if k in ("threshold", "batch_size", "device")}
+        return pose_extractor("train", **kwargs)
     if backend == "vitpose":
         return VitPoseExtractor.from_components(components, **kwargs)
     if backend == "blazepose":

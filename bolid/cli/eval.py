@@ -31,7 +31,7 @@ from bolid.metrics import clip_loader
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {
-    "components": "real | tiny | {kind, overrides}",
+    "components": "real | tiny | mini | {kind, overrides}",
     "out": "output folder",
     "device": "torch device for generation and CLIP",
     "dtype": "float32 | float16 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)",
@@ -272,7 +272,15 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
         "dtype": cfg.dtype,
     }
     clip = clip_loader(cfg.components.kind, cfg.components.source("clip"))
-    return evaluate(variants, datasets, cfg.prompts, cfg.out, clip, no_identity, cfg.run, record=record)
+    pose = stats = None
+    if cfg.components.mini:  # Body Sim with the mini kit's evaluation keypoint model and its world's statistics
+        from bolid.kits import mini
+
+        pose, stats = mini.pose_extractor("eval", device=cfg.run.device), mini.body_stats()
+        record["body_sim"] = {"pose": "mini vitpose_eval", "mean": stats[0], "std": stats[1]}
+    return evaluate(
+        variants, datasets, cfg.prompts, cfg.out, clip, no_identity, cfg.run, pose=pose, record=record, body_stats=stats
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI

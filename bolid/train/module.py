@@ -160,6 +160,12 @@ class BoLIDTrainingModule(L.LightningModule):
             parts = tiny.tiny_sdxl_components()
             eva, _, eva_tok = tiny.tiny_eva_clip()
             eva_name = tiny.TINY_EVA_CLIP
+        elif self.cfg.mini:
+            from bolid.kits import mini
+
+            parts = mini.sdxl_components()
+            eva, _, eva_tok = mini.eva_clip()
+            eva_name = mini.EVA_NAME
         else:
             parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
             eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
@@ -176,12 +182,18 @@ class BoLIDTrainingModule(L.LightningModule):
         if hp.stage == 2 or hp.sample_every_n_steps:
             if tiny_kit:
                 self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
+            elif self.cfg.mini:
+                self.lightning_unet = None  # the mini kit samples its one UNet with few steps
             elif hp.stage == 2:
                 self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
         self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
         if hp.stage == 2:
             if tiny_kit:
                 pose_model, pose_proc = tiny.tiny_vitpose()
+            elif self.cfg.mini:
+                from bolid.kits import mini
+
+                pose_model, pose_proc = mini.vitpose()
             else:
                 pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
             self.pose = DifferentiablePose(pose_model, pose_proc)
