@@ -33,6 +33,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "mini" / "weights"
 def weights_dir() -> Path:
     """``$BOLID_MINI_WEIGHTS`` or the committed ``bolid/mini/weights``."""
     return Path(os.environ.get("BOLID_MINI_WEIGHTS") or WEIGHTS)
+
+
 MINI_SEED = 0
 EVA_NAME = "BoLID-mini-EVA02"  # the tiny kit's open_clip architecture, trained weights
 
@@ -53,7 +55,9 @@ def _load(module: torch.nn.Module, name: str, trained: bool) -> torch.nn.Module:
 
         missing, unexpected = module.load_state_dict(load_file(weights_file(name)), strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise ValueError(f"mini kit: {name}.safetensors does not match its config ({missing[:3]}, {unexpected[:3]})")
+            raise ValueError(
+                f"mini kit: {name}.safetensors does not match its config ({missing[:3]}, {unexpected[:3]})"
+            )
     return module.eval()
 
 
@@ -126,8 +130,8 @@ def _vitpose_config(kind: str):
 
     if kind == "train":  # ViTPose-simple: the datapipe, the pipeline and the ID loss
         backbone = VitPoseBackboneConfig(
-            image_size=[64, 64], patch_size=[8, 8], hidden_size=96, num_hidden_layers=4,
-            num_attention_heads=4, intermediate_size=192, out_indices=[4],
+            image_size=[64, 64], patch_size=[8, 8], hidden_size=64, num_hidden_layers=3,
+            num_attention_heads=4, intermediate_size=128, out_indices=[3],
         )  # fmt: skip
         return VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4, num_labels=17)
     # evaluation: another network (other width, depth, feature layer and seed; trained on another world)

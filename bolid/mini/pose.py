@@ -46,9 +46,7 @@ class FullFramePoseExtractor(PoseExtractor):
         for start in range(0, len(ims), self.batch_size):
             batch = ims[start : start + self.batch_size]
             size = batch[0].size
-            px = torch.stack(
-                [torch.from_numpy(np.asarray(im.resize(size) if im.size != size else im)) for im in batch]
-            )
+            px = torch.stack([torch.from_numpy(np.asarray(im.resize(size) if im.size != size else im)) for im in batch])
             px = px.permute(0, 3, 1, 2).float() / 127.5 - 1
             kps = self.keypoints(px).numpy()
             for im, kp in zip(batch, kps, strict=True):

@@ -143,7 +143,7 @@ def fit(config: Path, out: Path, name: str) -> None:
 def evaluate(out: Path, quick: bool) -> None:
     from bolid.__main__ import main as bolid_main
 
-    quick_settings = {"max_prompts": 1, "images_per_prompt": 1, "metrics.ci_resamples": 50, "comparison.identities": 1}
+    quick_settings = {"max_prompts": 1, "images_per_prompt": 1, "metrics.ci_resamples": 100, "comparison.identities": 1}
     config = write_config("eval", out, quick_settings if quick else None)
     results = out / "eval" / "results.md"
     adapters = [out / n / "adapter" / "adapter.safetensors" for n in TRAININGS]

@@ -40,7 +40,7 @@ from bolid.mini.world import read_labels, write_world
 log = logging.getLogger(__name__)
 
 #: name -> default steps (batch 16 to 64): about 10 CPU-minutes in all.
-STEPS = {"vitpose_train": 300, "vitpose_eval": 300, "clip": 300, "eva_clip": 300, "vae": 400, "unet": 1000}
+STEPS = {"vitpose_train": 300, "vitpose_eval": 300, "clip": 300, "eva_clip": 300, "vae": 300, "unet": 1200}
 
 
 class World:
@@ -238,7 +238,7 @@ def _text_embeddings(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(embeds), torch.cat(pooled)
 
 
-def train_unet(world: World, vae, steps: int, work: Path, batch: int = 32, drop_text: float = 0.1):
+def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_text: float = 0.1):
     from diffusers import DDPMScheduler
 
     model = mini.unet(trained=False)
