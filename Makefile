@@ -30,7 +30,7 @@ setup:  ## create .venv, install torch if none is present, then bolid in editabl
 
 demo:  ## the whole system offline on the tiny kit: demo site -> crawl -> shards -> train -> eval (DEMO_ARGS=--quick)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
-	$(PY) -m bolid demo $(DEMO_ARGS)
+	$(PY) -m demo $(DEMO_ARGS)
 
 test:  ## run the test suite (CPU only, tiny kit, offline)
 	$(PY) -m pytest -q -m "not gpu"

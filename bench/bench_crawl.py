@@ -1,6 +1,6 @@
 """Crawl benchmark: the real ``theplace`` spider against the local fake site, politeness off.
 
-Serves ``crawler.demo_site`` (``--persons`` x ``--photos`` generated JPEGs of 1000-1500 px, no traps) from this
+Serves ``demo.site`` (``--persons`` x ``--photos`` generated JPEGs of 1000-1500 px, no traps) from this
 process, runs ``python -m crawler --no-polite`` as a child process, and every 50 ms samples the child's RSS and
 peak RSS (``VmRSS``/``VmHWM`` in ``/proc/<pid>/status``) and the number of stored images. Reports images/s, peak
 RSS and the RSS growth from the 200th stored image to the last, against the goal: >= 30 images/s on 2 cores with
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import cores, cpu_name, write_section  # noqa: E402
-from crawler.demo_site import DemoServer, DemoSite  # noqa: E402 (after the path set-up above)
 from crawler.store import read_jsonl  # noqa: E402
+from demo.site import DemoServer, DemoSite  # noqa: E402 (after the path set-up above)
 
 GOAL_IMAGES_PER_S = 30.0
 GOAL_RSS_GROWTH_MB = 50.0
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "## Crawl (`bench/bench_crawl.py`)",
             "",
             "The real `theplace` spider (`python -m crawler --no-polite`: no delay, no AutoThrottle, 16 requests in",
-            "flight; robots.txt still obeyed; images checked, hashed, fsynced) against `crawler.demo_site` on",
+            "flight; robots.txt still obeyed; images checked, hashed, fsynced) against `demo.site` on",
             "127.0.0.1, served from the benchmark process on the same cores.",
             "",
             table,

@@ -1,13 +1,13 @@
 """Data-pipeline CPU benchmark: the shard path against a naive Pillow baseline, on the same real-size JPEGs.
 
-Generates ``--images`` photo-like JPEGs (``datapipe.synthetic``: smooth colour fields, shapes, texture and
+Generates ``--images`` photo-like JPEGs (``demo.synthetic``: smooth colour fields, shapes, texture and
 sensor noise, ~2 bits/pixel like camera photos) at sizes typical of web galleries, 1200 to 4000 px on the
 short side, so every one is resized. Then, in one run, on one core each, interleaved for ``--repeats``
 rounds (median time per round):
 
 * **datapipe**: read the file, ``datapipe.resize.encode_stored`` (JPEG ``draft`` decode at 1/2, 1/4 or
   1/8 scale where that stays at or above the target, EXIF transpose, RGB, antialiased bilinear resize of the
-  remaining factor to short side 1024, JPEG quality 95), then ``datapipe.shards.write_shard`` (one tar);
+  remaining factor to short side 1024, JPEG quality 95), then ``datapipe.writer.write_shard`` (one tar);
 * **baseline**: ``Image.open`` + full decode + EXIF transpose + RGB + LANCZOS resize to the same size +
   ``save`` as a JPEG file (quality 95, as above).
 
@@ -43,9 +43,9 @@ from PIL import Image, ImageOps  # noqa: E402
 from bench.report import cores, cpu_name, write_section  # noqa: E402
 from bolid.images import image_size  # noqa: E402
 from datapipe.resize import encode_stored, encode_stored_file, stored_size  # noqa: E402
-from datapipe.shards import write_shard  # noqa: E402
-from datapipe.synthetic import jpeg_bytes, synthetic_photo  # noqa: E402
 from datapipe.workers import WorkerPool  # noqa: E402
+from datapipe.writer import write_shard  # noqa: E402
+from demo.synthetic import jpeg_bytes, synthetic_photo  # noqa: E402
 
 GOAL = 1.5
 RESOLUTION = 1024

@@ -34,7 +34,7 @@ GOAL_RATIO = 2.0
 
 def make_shards(root: Path, identities: int, photos: int, size: tuple[int, int]) -> Path:
     from datapipe.__main__ import main as datapipe_main
-    from datapipe.synthetic import synthetic_photo
+    from demo.synthetic import synthetic_photo
 
     src = root / "photos"
     for i in range(identities):
@@ -68,8 +68,8 @@ def step_rate(shards: Path, resolution: int, batch: int, steps: int) -> float:
     import torch
 
     from bolid.data import PairDataset
+    from bolid.shards import read_index
     from bolid.train.module import BoLIDTrainingModule
-    from datapipe.shards import read_index
 
     module = BoLIDTrainingModule(
         components="tiny", stage=2, w_id=0.3, w_clip=0.1, lightning_steps=2, grad_steps=1, branch_resolution=resolution

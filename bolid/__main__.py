@@ -16,7 +16,6 @@ import sys
 # name -> (module, one-line help). Modules define add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "components": ("bolid.cli.components", "list the pretrained components, where each resolves, and check them"),
-    "demo": ("bolid.cli.demo", "the whole system offline on the tiny kit: site -> crawl -> shards -> train -> eval"),
     "pose": ("bolid.cli.pose", "extract persons and 17 COCO keypoints from images (JSON lines)"),
     "generate": ("bolid.cli.generate", "generate images of the person in reference photo(s) from a prompt"),
     "export": ("bolid.cli.export", "turn a training checkpoint into an adapter folder + stock-diffusers files"),
@@ -58,14 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    setup_logging(args.verbose)
+    return int(module.run(args) or 0)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Timestamped INFO (DEBUG with ``verbose``) logging on stderr, without the libraries' duplicate lines."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     for name in ("lightning.pytorch", "lightning.fabric"):  # they print through their own handler already
         logging.getLogger(name).propagate = False
     for handler in logging.getLogger().handlers:  # open_clip logs routine INFO through the root logger itself
         handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
-    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

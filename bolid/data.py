@@ -1,4 +1,4 @@
-"""Identity-pair training data over BoLID's WebDataset shards (format: :mod:`datapipe.shards`).
+"""Identity-pair training data over BoLID's WebDataset shards (format: :mod:`bolid.shards`).
 
 Training needs pairs of the *same person in different photos*: the reference gives the face and
 body conditions, the target gives the latents and the caption. The shards keep each identity's
@@ -201,7 +201,7 @@ def identity_pairs(
 def _decode(sample: dict) -> dict:
     """Raw tar sample -> ``{"__key__", "identity", "image", "meta"}``; raises on a corrupt sample."""
     from bolid.images import load_image
-    from datapipe.shards import ShardSample
+    from bolid.shards import ShardSample
 
     meta = ShardSample.from_json(sample["json"])
     image = load_image(sample["jpg"])
@@ -294,7 +294,7 @@ class PairDataset(torch.utils.data.IterableDataset):
 
     @classmethod
     def from_index(cls, index, split: str, **kwargs) -> PairDataset:
-        """The dataset of ``split`` (train / validation / test) from a :class:`datapipe.shards.ShardIndex`."""
+        """The dataset of ``split`` (train / validation / test) from a :class:`bolid.shards.ShardIndex`."""
         identities = index.identities_in(split)
         paths = index.shard_paths(split)
         missing = [p for p in paths if not Path(p).is_file()]

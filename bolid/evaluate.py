@@ -193,7 +193,7 @@ def shard_dataset(
     max_identities: int | None = None,
     references: int = 1,
 ) -> EvalDataset:
-    """The held-out identities of one or more BoLID shard sets (format: :mod:`datapipe.shards`).
+    """The held-out identities of one or more BoLID shard sets (format: :mod:`bolid.shards`).
 
     Each shard set is a folder with ``index.json``; the identities of ``split`` are taken in sorted order
     (across sets, the first set's first), and each identity's first ``references`` samples in shard order
@@ -204,7 +204,7 @@ def shard_dataset(
     """
     import webdataset as wds
 
-    from datapipe.shards import ShardSample, read_index
+    from bolid.shards import ShardSample, read_index
 
     identities: list[Identity] = []
     for root in shard_sets:

@@ -17,7 +17,7 @@ EPILOG = """\
 examples:
   python -m crawler --out data/crawl --persons emma_watson,johnny_depp
   python -m crawler --out data/crawl --persons-file persons.txt --max-photos-per-person 300
-  python -m crawler.demo_site --port 8765 &   # a local fake site, then:
+  python -m demo.site --port 8765 &   # a local fake site, then:
   python -m crawler --base-url http://127.0.0.1:8765 --out /tmp/demo-crawl --no-polite
 
 Output (OUT): images/<identity>/<sha256>.jpg, manifest.jsonl, rejects.jsonl, persons.jsonl.
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-polite",
         action="store_true",
         help="no delay, no AutoThrottle, 16 requests at once (robots.txt still obeyed): "
-        "refused for any host but this machine (127.0.0.1, localhost), e.g. crawler.demo_site",
+        "refused for any host but this machine (127.0.0.1, localhost), e.g. demo.site",
     )
     misc = p.add_argument_group("bookkeeping")
     misc.add_argument(

@@ -3,7 +3,7 @@
 The site has changed its markup several times, so each field lists selectors newest layout first; the first one
 that matches wins. When none matches, the spider logs an error and counts the page under
 ``theplace/pages_no_match`` (see :mod:`crawler.spiders.theplace`) instead of silently finishing with nothing.
-Pinned copies of each page type live in ``tests/fixtures/crawler/``; ``crawler.demo_site`` renders the same markup.
+Pinned copies of each page type live in ``tests/fixtures/crawler/``; ``demo.site`` renders the same markup.
 
 Current layout (2025):
   index ``/photos/`` -> letter links -> letter page -> person links -> person page ``/photos/<slug>/``,

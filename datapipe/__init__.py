@@ -9,7 +9,7 @@ keypoints so that training never runs a detector. ``python -m datapipe build`` r
 2. person and keypoints (:mod:`datapipe.annotate`): RT-DETR + ViTPose or BlazePose, batched;
 3. identity filter: at least ``identities.min_photos`` accepted photos per person;
 4. captions (:mod:`datapipe.annotate`): BLIP-2, batched;
-5. shards (:mod:`datapipe.shards`, which documents the format): WebDataset tars, ``index.json``
+5. shards (:mod:`datapipe.writer`; the format is documented in :mod:`bolid.shards`): WebDataset tars, ``index.json``
    with a train/validation/test split by identity, ``stats.json`` (:mod:`datapipe.stats`).
 
 Runs are restartable and idempotent (:mod:`datapipe.build`, :mod:`datapipe.cache`) and scale

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m datapipe",
         description=(PACKAGE_DOC or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Shard format: see datapipe/shards.py. Run `python -m datapipe build -h` for the build options.",
+        epilog="Shard format: see bolid/shards.py. Run `python -m datapipe build -h` for the build options.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

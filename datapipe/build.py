@@ -9,8 +9,8 @@ Stages, in the order they run (each one counts what it rejects and why, :mod:`da
    It runs before captioning, which never rejects, so that BLIP-2 (the slowest model) does not
    caption people who would be dropped; the shards are the same either way.
 4. ``caption``: BLIP-2 captions, batched.
-5. ``shards`` (:mod:`datapipe.shards`): identity-grouped WebDataset shards, each written to a
-   temporary name and renamed; then this part's index (:mod:`datapipe.index`).
+5. ``shards`` (:mod:`datapipe.writer`; format: :mod:`bolid.shards`): identity-grouped WebDataset shards, each
+   written to a temporary name and renamed; then this part's index (:mod:`datapipe.index`).
 
 Every result is cached as soon as it exists (:mod:`datapipe.cache`) and every decision is a
 pure function of the inputs, the settings and the cached results, taken in (identity, sha256)
@@ -27,16 +27,18 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from datapipe.annotate import Captioner, PoseModel, annotate, judge_persons
+from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
+from datapipe.annotate import Captioner, PoseModel, Verdict, annotate, judge_persons
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
 from datapipe.index import merge, part_tag, write_part
-from datapipe.ingest import Item, decide, discover, part_of, run_probes
-from datapipe.shards import ShardSample, plan_shards, sample_key, shard_name, shard_pattern, write_shard
+from datapipe.ingest import Item, Source, decide, discover, part_of, run_probes
 from datapipe.stats import Stats
 from datapipe.workers import StoredTask, WorkerPool, stored_bytes
+from datapipe.writer import plan_shards, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -114,110 +116,27 @@ def build(
         stats = Stats()
         stats.identities["found"] = len({s.identity for s in sources})
         rejects: list[dict] = []
-        sh = config.shards
-        stored = StoredImages(cache_dir / f"stored-{sh.tag}")
-
-        def task(item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
-            return StoredTask(
-                item.sha256, str(stored.directory), str(item.source.path), sh.resolution, sh.quality, sh.resample, draft
-            )
-
+        stored = StoredImages(cache_dir / f"stored-{config.shards.tag}")
         with WorkerPool(config.num_workers) as pool:
-            # 1. ingest
-            journal = Journal(cache_dir, f"ingest-{sh.tag}", tag, key="path")
-            records = run_probes(
-                sources,
-                config.ingest.min_size,
-                stored,
-                journal,
-                (sh.resolution, sh.quality, sh.resample),
-                pool.map_ordered,
-                progress,
-            )
-            journal.close()
-            items, ingest_rejects = decide(
-                sources, records, config.ingest.min_size, config.ingest.near_duplicate_distance
-            )
-            _count(stats, "ingest", len(items), ingest_rejects)
-            rejects += ingest_rejects
-            _summary(stats, "ingest")
-
-            # 2. pose
-            pose_model = PoseModel(config)
-            journal = Journal(cache_dir, f"pose-{pose_model.fingerprint}", tag, key="sha256")
-            outputs = annotate(items, pose_model, config.pose.batch_size, journal, task, pool, progress, "pose")
-            journal.close()
-            pose_model.close()
-            posed: list[tuple[Item, object]] = []
-            pose_rejects = []
-            for item in items:
-                verdict = judge_persons(outputs[item.sha256]["persons"], config.pose)
-                if verdict.reason is None:
-                    posed.append((item, verdict))
-                else:
-                    pose_rejects.append(_reject("pose", verdict.reason, item, verdict.detail))
-            _count(stats, "pose", len(posed), pose_rejects)
-            rejects += pose_rejects
-            _summary(stats, "pose")
-
-            # 3. identity filter
-            per_identity = Counter(item.identity for item, _ in posed)
-            min_photos = config.identities.min_photos
-            kept = [(it, v) for it, v in posed if per_identity[it.identity] >= min_photos]
-            id_rejects = [
-                _reject("identities", "too_few_photos", it, f"{per_identity[it.identity]} < {min_photos} photos")
-                for it, v in posed
-                if per_identity[it.identity] < min_photos
-            ]
-            _count(stats, "identities", len(kept), id_rejects)
-            rejects += id_rejects
+            run = PartRun(config, cache_dir, tag, stored, pool, progress)
+            items = _record(stats, rejects, "ingest", *stage_ingest(sources, run))
+            posed = _record(stats, rejects, "pose", *stage_pose(items, run))
+            kept = _record(stats, rejects, "identities", *stage_identities(posed, config.identities.min_photos))
             stats.identities["kept"] = len({it.identity for it, _ in kept})
-            _summary(stats, "identities")
-
-            # 4. captions
-            captioner = Captioner(config)
-            journal = Journal(cache_dir, f"caption-{captioner.fingerprint}", tag, key="sha256")
-            kept_items = [it for it, _ in kept]
-            captions = annotate(
-                kept_items, captioner, config.caption.batch_size, journal, task, pool, progress, "caption"
-            )
-            journal.close()
-            captioner.close()
-            stats["caption"].passed(len(kept))
-
-            # 5. shards
-            samples = [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept]
-            shards = _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress)
+            samples = _record(stats, rejects, "caption", *stage_caption(kept, run), summary=False)
+            shards, _ = stage_shards(samples, run, out, part, num_parts)
             stats["shards"].passed(len(samples))
             stats.shards = len(shards)
 
-        identities: dict[str, dict] = {}
-        for shard in shards:
-            for identity, n in shard["identities"].items():
-                info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
-                info["count"] += n
-                info["shards"].append(shard["name"])
-        for it, _ in kept:
-            identities[it.identity]["name"] = it.source.name
+        content = _part_index(config, part, num_parts, layout, shards, samples, stats)
         rejects.sort(key=lambda r: (r["identity"], r["path"], r["stage"]))
-        content = {
-            "part": part,
-            "num_parts": num_parts,
-            "layout": layout,
-            "settings": _settings(config),
-            "shards": shards,
-            "identities": identities,
-            # Content hashes per identity, so that the merge can find a photo kept by two parts.
-            "hashes": {i: sorted(it.sha256 for it, _ in kept if it.identity == i) for i in sorted(identities)},
-            "stats": stats.to_dict(),
-        }
         write_part(out, part, num_parts, content, rejects)
         log.info(
             "part %d of %d: %d samples of %d identities in %d shards",
             part,
             num_parts,
             len(samples),
-            len(identities),
+            len(content["identities"]),
             len(shards),
         )
         if not samples:
@@ -225,6 +144,140 @@ def build(
     if num_parts == 1:
         merge(out, 1)
     return content
+
+
+# ------------------------------------------------------------------------------- stages: (kept, rejects)
+
+
+@dataclasses.dataclass
+class PartRun:
+    """What the stages of one part share: settings, cache folder, part tag, stored images, workers, progress."""
+
+    config: BuildConfig
+    cache_dir: Path
+    tag: str
+    stored: StoredImages
+    pool: WorkerPool
+    progress: Callable = _progress
+
+    def task(self, item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
+        """The worker task that loads ``item``'s stored pixels (at ``draft`` size, for a model's input)."""
+        sh = self.config.shards
+        return StoredTask(
+            item.sha256,
+            str(self.stored.directory),
+            str(item.source.path),
+            sh.resolution,
+            sh.quality,
+            sh.resample,
+            draft,
+        )
+
+
+def stage_ingest(sources: list[Source], run: PartRun) -> tuple[list[Item], list[dict]]:
+    """1. Size and decode checks, the stored (resized) copy, exact and near-duplicate removal."""
+    config, sh = run.config, run.config.shards
+    journal = Journal(run.cache_dir, f"ingest-{sh.tag}", run.tag, key="path")
+    records = run_probes(
+        sources,
+        config.ingest.min_size,
+        run.stored,
+        journal,
+        (sh.resolution, sh.quality, sh.resample),
+        run.pool.map_ordered,
+        run.progress,
+    )
+    journal.close()
+    return decide(sources, records, config.ingest.min_size, config.ingest.near_duplicate_distance)
+
+
+def stage_pose(items: list[Item], run: PartRun) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
+    """2. Person and 17 keypoints per image; images without one clear, visible person are rejected."""
+    config = run.config
+    pose_model = PoseModel(config)
+    journal = Journal(run.cache_dir, f"pose-{pose_model.fingerprint}", run.tag, key="sha256")
+    outputs = annotate(items, pose_model, config.pose.batch_size, journal, run.task, run.pool, run.progress, "pose")
+    journal.close()
+    pose_model.close()
+    posed: list[tuple[Item, Verdict]] = []
+    pose_rejects = []
+    for item in items:
+        verdict = judge_persons(outputs[item.sha256]["persons"], config.pose)
+        if verdict.reason is None:
+            posed.append((item, verdict))
+        else:
+            pose_rejects.append(_reject("pose", verdict.reason, item, verdict.detail))
+    return posed, pose_rejects
+
+
+def stage_identities(
+    posed: list[tuple[Item, Verdict]], min_photos: int
+) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
+    """3. People with fewer than ``min_photos`` photos left are dropped."""
+    per_identity = Counter(item.identity for item, _ in posed)
+    kept = [(it, v) for it, v in posed if per_identity[it.identity] >= min_photos]
+    id_rejects = [
+        _reject("identities", "too_few_photos", it, f"{per_identity[it.identity]} < {min_photos} photos")
+        for it, v in posed
+        if per_identity[it.identity] < min_photos
+    ]
+    return kept, id_rejects
+
+
+def stage_caption(kept: list[tuple[Item, Verdict]], run: PartRun) -> tuple[list[tuple[Item, ShardSample]], list[dict]]:
+    """4. BLIP-2 captions; never rejects. Returns each item with its complete shard sample."""
+    config = run.config
+    captioner = Captioner(config)
+    journal = Journal(run.cache_dir, f"caption-{captioner.fingerprint}", run.tag, key="sha256")
+    kept_items = [it for it, _ in kept]
+    captions = annotate(
+        kept_items, captioner, config.caption.batch_size, journal, run.task, run.pool, run.progress, "caption"
+    )
+    journal.close()
+    captioner.close()
+    return [(it, _sample(it, v, captions[it.sha256]["caption"])) for it, v in kept], []
+
+
+def stage_shards(
+    samples: list[tuple[Item, ShardSample]], run: PartRun, out: Path, part: int, num_parts: int
+) -> tuple[list[dict], list[dict]]:
+    """5. This part's shards (``index.json``-style entries); never rejects."""
+    shards = _write_shards(samples, run.config, out, run.cache_dir, part, num_parts, run.pool, run.task, run.progress)
+    return shards, []
+
+
+def _record(stats: Stats, rejects: list[dict], stage: str, kept: list, stage_rejects: list[dict], summary=True):
+    """Count a stage's outcome in ``stats``, collect its rejects, log it; returns what it kept."""
+    _count(stats, stage, len(kept), stage_rejects)
+    rejects += stage_rejects
+    if summary:
+        _summary(stats, stage)
+    return kept
+
+
+def _part_index(
+    config: BuildConfig, part: int, num_parts: int, layout: str, shards: list[dict], samples: list, stats: Stats
+) -> dict:
+    """This part's index content (:func:`datapipe.index.write_part`)."""
+    identities: dict[str, dict] = {}
+    for shard in shards:
+        for identity, n in shard["identities"].items():
+            info = identities.setdefault(identity, {"name": "", "count": 0, "shards": []})
+            info["count"] += n
+            info["shards"].append(shard["name"])
+    for it, _ in samples:
+        identities[it.identity]["name"] = it.source.name
+    return {
+        "part": part,
+        "num_parts": num_parts,
+        "layout": layout,
+        "settings": _settings(config),
+        "shards": shards,
+        "identities": identities,
+        # Content hashes per identity, so that the merge can find a photo kept by two parts.
+        "hashes": {i: sorted(it.sha256 for it, _ in samples if it.identity == i) for i in sorted(identities)},
+        "stats": stats.to_dict(),
+    }
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Every build run writes the index of its part (``OUT/parts/part-<p>-of-<N>.json``
 identities and stats; ``.rejects.jsonl`` beside it) after all its shards are in place. The
 merge reads the parts of an N-part run, checks they are all there and agree, assigns each
 identity to train, validation or test (:func:`assign_splits`) and writes ``index.json``,
-``stats.json`` and ``rejects.jsonl`` (format: :mod:`datapipe.shards`). A single-part build
+``stats.json`` and ``rejects.jsonl`` (format: :mod:`bolid.shards`). A single-part build
 merges by itself; after a scale-out run (``--num-parts N --part i`` on N machines) run
 ``python -m datapipe merge OUT`` once all parts have finished.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bolid.files import atomic_write
-from datapipe.shards import FORMAT, FORMAT_VERSION, SPLITS
+from bolid.shards import FORMAT, FORMAT_VERSION, SPLITS
 from datapipe.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def split_point(identity: str) -> float:
 
 
 def assign_splits(identities: list[str], validation: float, test: float) -> dict[str, str]:
-    """Identity -> ``train``/``validation``/``test`` by :func:`split_point` (rules in :mod:`datapipe.shards`)."""
+    """Identity -> ``train``/``validation``/``test`` by :func:`split_point` (rules in :mod:`bolid.shards`)."""
     bounds = {
         "validation": (0.0, validation),
         "test": (validation, validation + test),

@@ -45,7 +45,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     each hold at least one person.
     """
     from datapipe.__main__ import main as datapipe_main
-    from datapipe.synthetic import synthetic_photo
+    from demo.synthetic import synthetic_photo
 
     root = tmp_path_factory.mktemp("tiny-shards")
     photos = root / "photos"

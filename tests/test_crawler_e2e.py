@@ -1,5 +1,5 @@
 """End-to-end tests: the real spider, run as ``python -m crawler`` in a subprocess, against the fake ThePlace of
-``crawler.demo_site`` served on 127.0.0.1 (several gallery pages, small images, a duplicate under two URLs, a
+``demo.site`` served on 127.0.0.1 (several gallery pages, small images, a duplicate under two URLs, a
 corrupt JPEG, a decompression bomb, a 404, a 503-then-200, robots.txt, off-site links and redirects).
 
 Includes the resume test: a crawl killed with SIGKILL midway, restarted with the same command, must fetch no
@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from crawler.demo_site import DemoServer, DemoSite
 from crawler.store import read_jsonl
+from demo.site import DemoServer, DemoSite
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = DemoSite.synthetic(persons=3, photos=12, per_page=5)
@@ -204,7 +204,7 @@ def test_layout_change_fails_loudly(tmp_path):
 
 def test_readme_flow_demo_site_cli_then_crawl_cli(tmp_path):
     demo = subprocess.Popen(
-        [sys.executable, "-m", "crawler.demo_site", "--port", "0", "--persons", "2", "--photos", "3"],
+        [sys.executable, "-m", "demo.site", "--port", "0", "--persons", "2", "--photos", "3"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

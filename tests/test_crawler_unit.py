@@ -20,12 +20,12 @@ from scrapy.utils.test import get_crawler
 from crawler import layout
 from crawler.__main__ import build_parser, config_from_args
 from crawler.config import DEFAULT_CONFIG, CrawlConfig
-from crawler.demo_site import DemoSite, claimed_size_jpeg, synthetic_jpeg
 from crawler.items import PhotoItem
 from crawler.middlewares import RETRY_AFTER_MAX, BackoffRetryMiddleware, StayOnSiteMiddleware
 from crawler.pipelines import DedupPipeline, ImageCheckPipeline, ImageRejected, StorePipeline, inspect_image
 from crawler.spiders.theplace import TheplaceSpider, parse_slugs
 from crawler.store import Store, read_jsonl, safe_identity
+from demo.site import DemoSite, claimed_size_jpeg, synthetic_jpeg
 
 FIXTURES = Path(__file__).parent / "fixtures" / "crawler"
 BASE = "https://www.theplace.ru"

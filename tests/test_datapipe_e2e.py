@@ -33,12 +33,12 @@ from PIL import Image
 
 from bolid.body import visible_body_count
 from bolid.pose import VitPoseExtractor
+from bolid.shards import SPLITS, ShardSample, read_index, sample_key
 from datapipe.build import build
 from datapipe.config import BuildConfig
 from datapipe.index import merge
 from datapipe.resize import decode_stored, encode_stored_file
-from datapipe.shards import SPLITS, ShardSample, read_index, sample_key
-from datapipe.synthetic import jpeg_bytes, synthetic_photo
+from demo.synthetic import jpeg_bytes, synthetic_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "shards_tiny.yaml"

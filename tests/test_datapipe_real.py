@@ -17,10 +17,10 @@ import webdataset as wds
 from PIL import Image
 
 from bolid.pose import BlazePoseExtractor
+from bolid.shards import ShardSample, read_index
 from datapipe.build import build
 from datapipe.config import BuildConfig
-from datapipe.shards import ShardSample, read_index
-from datapipe.synthetic import jpeg_bytes
+from demo.synthetic import jpeg_bytes
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "shards_tiny.yaml"
 

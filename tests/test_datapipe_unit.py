@@ -15,14 +15,15 @@ from PIL import Image
 
 from bolid.images import ImageError
 from bolid.pose import Person
+from bolid.shards import SHARD_FORMAT, ShardSample, read_index, sample_key
 from datapipe.annotate import Captioner, judge_persons
 from datapipe.cache import Journal, PartLock
 from datapipe.config import BuildConfig, PoseConfig
 from datapipe.index import assign_splits
 from datapipe.phash import hamming, phash
 from datapipe.resize import decode_stored, encode_stored_file, stored_size
-from datapipe.shards import SHARD_FORMAT, ShardSample, plan_shards, read_index, sample_key, write_shard
-from datapipe.synthetic import jpeg_bytes, synthetic_photo
+from datapipe.writer import plan_shards, write_shard
+from demo.synthetic import jpeg_bytes, synthetic_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -322,7 +323,7 @@ def test_non_utf8_file_names_are_skipped_with_a_warning(tmp_path, caplog):
     import os
 
     from datapipe.ingest import discover
-    from datapipe.synthetic import jpeg_bytes, synthetic_photo
+    from demo.synthetic import jpeg_bytes, synthetic_photo
 
     (tmp_path / "anna").mkdir()
     (tmp_path / "anna" / "ok.jpg").write_bytes(jpeg_bytes(synthetic_photo(64, 64, 1)))

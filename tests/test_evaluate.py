@@ -26,7 +26,7 @@ def shards(tmp_path_factory) -> Path:
     """A shard set written by the real datapipe build (tiny kit) from synthetic photos: 6 identities x 2."""
     from datapipe.build import build
     from datapipe.config import BuildConfig
-    from datapipe.synthetic import jpeg_bytes, synthetic_photo
+    from demo.synthetic import jpeg_bytes, synthetic_photo
 
     tmp = tmp_path_factory.mktemp("eval-shards")
     for i, name in enumerate(IDENTITIES):
@@ -56,7 +56,7 @@ def photos(tmp_path_factory, fixtures) -> Path:
 
 
 def test_shard_dataset_reads_the_held_out_identities(shards):
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     index = read_index(shards)
     for split in ("test", "validation"):

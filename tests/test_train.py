@@ -25,7 +25,7 @@ def _module(**kw) -> BoLIDTrainingModule:
 
 
 def _batch(shards: Path, split: str = "train", batch_size: int = 2) -> dict:
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     ds = PairDataset.from_index(
         read_index(shards), split, train=False, resolution=64, ref_size=64, batch_size=batch_size
@@ -47,7 +47,7 @@ def test_pairs_never_self_and_never_cross_identities():
 
 
 def test_resampled_stream_never_pairs_a_photo_with_itself(tiny_shards):
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     ds = PairDataset.from_index(read_index(tiny_shards), "train", train=True, resolution=64, ref_size=64,
                                 batch_size=1, resampled=True, epoch_pairs=300)  # fmt: skip
@@ -57,7 +57,7 @@ def test_resampled_stream_never_pairs_a_photo_with_itself(tiny_shards):
 
 
 def test_shard_stream_pairs_each_sample_once_per_epoch(tiny_shards):
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     index = read_index(tiny_shards)
     ds = PairDataset.from_index(index, "train", train=True, resolution=64, ref_size=64, batch_size=1, shuffle_buffer=4)
@@ -170,7 +170,7 @@ def _fit(tmp: Path, shards: Path, max_steps: int, ckpt_path: str | None = None) 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     steps = PairDataset.from_index(
-        __import__("datapipe.shards", fromlist=["read_index"]).read_index(tiny_shards),
+        __import__("bolid.shards", fromlist=["read_index"]).read_index(tiny_shards),
         "train", train=True, resolution=64, ref_size=64, batch_size=2,
     ).batches_per_epoch  # fmt: skip
     straight = _fit(tmp_path / "a", tiny_shards, 2 * steps)
@@ -271,7 +271,7 @@ def test_a_corrupt_shard_sample_is_skipped_and_counted(tiny_shards, tmp_path):
     import shutil
     import tarfile
 
-    from datapipe.shards import read_index
+    from bolid.shards import read_index
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

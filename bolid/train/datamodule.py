@@ -1,7 +1,7 @@
 """LightningDataModule over BoLID's identity-grouped shards: (reference, target) pairs per split.
 
 The stream itself (stage list, pairing, SDXL crop conditioning) is :mod:`bolid.data`; the shard
-format is documented once, in :mod:`datapipe.shards`. Train, validation and test identities come
+format is documented once, in :mod:`bolid.shards`. Train, validation and test identities come
 from the split in ``index.json`` (held-out *people*, not held-out photos).
 """
 
@@ -69,7 +69,7 @@ class PairDataModule(L.LightningDataModule):
         self._datasets: dict[str, PairDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        from datapipe.shards import read_index
+        from bolid.shards import read_index
 
         if not (self.shards / "index.json").is_file():
             raise FileNotFoundError(f"data.shards: no index.json in {self.shards}; build shards with `make shards`")

@@ -16,7 +16,7 @@ Serve it with :class:`DemoServer` (a stdlib ``ThreadingHTTPServer`` on 127.0.0.1
     with DemoServer(DemoSite.synthetic(persons=3, photos=12)) as server:
         ...  # crawl server.base_url; server.requests counts hits per path
 
-or from the shell: ``python -m crawler.demo_site --port 8765 --persons 3 --photos 12``. "Other hosts" are
+or from the shell: ``python -m demo.site --port 8765 --persons 3 --photos 12``. "Other hosts" are
 ``http://localhost:<port>/offsite/...``: the same server under another host name, so an off-site request that
 slipped through would show up in ``server.requests``.
 """
@@ -400,7 +400,7 @@ def _make_handler(server: DemoServer) -> type[BaseHTTPRequestHandler]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m crawler.demo_site",
+        prog="python -m demo.site",
         description="Serve a fake ThePlace site with generated photos on 127.0.0.1 until Ctrl-C.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

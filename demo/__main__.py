@@ -1,7 +1,7 @@
-"""``bolid demo`` (``make demo``): the whole system on a CPU, offline, in minutes, on the tiny kit.
+"""``python -m demo`` (``make demo``): the whole system on a CPU, offline, in minutes, on the tiny kit.
 
-1. **site**: a local ThePlace look-alike on 127.0.0.1 (:mod:`crawler.demo_site`) showing five drawn people
-   with distinct body proportions (:mod:`bolid.demo_people`), many poses each, plus small and broken files;
+1. **site**: a local ThePlace look-alike on 127.0.0.1 (:mod:`demo.site`) showing five drawn people
+   with distinct body proportions (:mod:`demo.people`), many poses each, plus small and broken files;
 2. **crawl**: the real ``theplace`` spider against it (politeness off: it is our own server);
 3. **shards**: the real datapipe with ``configs/shards_tiny.yaml`` (tiny random-init models);
 4. **train**: ``configs/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("bolid.demo")
+log = logging.getLogger("demo")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("runs/demo")
 
 
@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _site(photos: int):
     """The demo site: each person's good photos (1024 px) plus a few traps the pipeline must reject."""
-    from bolid.demo_people import BUILDS, render, slug
-    from crawler.demo_site import DemoSite
-    from datapipe.synthetic import jpeg_bytes
+    from demo.people import BUILDS, render, slug
+    from demo.site import DemoSite
+    from demo.synthetic import jpeg_bytes
 
     identities = {}
     for p, build in enumerate(BUILDS):
@@ -56,7 +56,7 @@ def _site(photos: int):
 
 
 def _start_server(site, port: int):
-    from crawler.demo_site import DemoServer
+    from demo.site import DemoServer
 
     try:
         return DemoServer(site, port=port).start()
@@ -165,3 +165,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nTensorBoard: tensorboard --logdir {train / 'tensorboard'}")
     missing = [p for label, p in rows if not p.exists() and not (args.skip_eval and p.is_relative_to(eval_dir))]
     return 1 if missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bolid.__main__ import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0].strip('"'))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

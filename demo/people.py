@@ -91,7 +91,7 @@ def skeleton(build: Build, rng: random.Random, size: tuple[int, int]) -> np.ndar
 
 def render(build: Build, seed: int, size: tuple[int, int] = (1024, 1024)) -> tuple[Image.Image, np.ndarray]:
     """One photo of ``build``: ``(image, keypoints (17, 3))``, deterministic in ``seed``."""
-    from datapipe.synthetic import synthetic_photo
+    from demo.synthetic import synthetic_photo
 
     rng = random.Random(seed)
     kp = skeleton(build, rng, size)
