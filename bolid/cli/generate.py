@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (only used with CFG)")
     parser.add_argument("-o", "--out", default="outputs/generate", help="output folder (created)")
     parser.add_argument(
-        "--components", choices=["real", "tiny", "mini"], default="real", help="real weights, the tiny kit or the mini kit"
+        "--components", choices=["real", "tiny", "mini"], default="real", help="real weights, tiny or mini kit"
     )
     parser.add_argument("--adapter", default=None, help="adapter folder (adapter.safetensors + adapter.json)")
     parser.add_argument(

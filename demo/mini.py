@@ -1,4 +1,4 @@
-"""``make mini`` (``python -m bolid.mini.run``): BoLID end to end on the BoLID-mini world, on a CPU.
+"""``make mini`` (``python -m demo.mini``): BoLID end to end on the BoLID-mini world, on a CPU.
 
 1. **world**: render the people (:mod:`bolid.mini.world`) as ``<identity>/<photo>.png`` folders;
 2. **shards**: the real datapipe (``configs/mini/shards.yaml``: mini keypoint model, zero-shot captions);
@@ -28,7 +28,7 @@ import yaml
 from bolid.files import atomic_write
 
 log = logging.getLogger("bolid.mini")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "mini"
 TRAININGS = ("stage1", "ablation", "stage2")
 
@@ -160,7 +160,7 @@ def report(out: Path, docs: Path, timings: dict, args: argparse.Namespace) -> No
     shutil.copyfile(out / "eval" / "comparison.png", docs / "comparison.png")
     shutil.copyfile(out / "eval" / "results.md", docs / "results.md")
     settings = {
-        "command": "python -m bolid.mini.run " + " ".join(args.argv),
+        "command": "python -m demo.mini " + " ".join(args.argv),
         "world": json.loads((out / "world" / "world.json").read_text()),
         "configs": {p.stem: yaml.safe_load(p.read_text()) for p in sorted((out / "configs").glob("*.yaml"))},
         "stage_seconds": timings,
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m bolid.mini.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.mini", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/mini", help="runs folder (resumable)")
     p.add_argument("--docs", default="docs/mini", help="where results.md, comparison.png and settings.json go")
     p.add_argument("--identities", type=int, default=200, help="people in the world (10%% validation, 10%% test)")
