@@ -83,8 +83,8 @@ def test_mini_clip_matches_renders_to_their_captions():
 @pytest.fixture(scope="module")
 def mini_shards(tmp_path_factory) -> Path:
     """The real datapipe with configs/mini/shards.yaml on a 20-person world."""
-    from demo.mini import write_config
     from datapipe.__main__ import main as datapipe_main
+    from demo.mini import write_config
 
     root = tmp_path_factory.mktemp("mini")
     world = write_world(root / "world", seed=5, identities=20, photos=5)
