@@ -5,7 +5,9 @@
 2. **crawl**: the real ``theplace`` spider against it (politeness off: it is our own server);
 3. **shards**: the real datapipe with ``configs/shards_tiny.yaml`` (tiny random-init models);
 4. **train**: ``configs/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
-5. **eval**: ``configs/eval_tiny.yaml``: the results table, ``comparison.png`` and every generated image.
+5. **eval**: ``configs/eval_tiny.yaml``: the results table, ``comparison.png`` and every generated image;
+6. **mini**: the committed BoLID-mini weights (trained from scratch on CPU, :mod:`bolid.kits.mini`) on
+   held-out rendered people: ``runs/demo/mini/gallery.png`` shows learned images, not the tiny kit's noise.
 
 Every stage is resumable and a second run reuses what is done: the crawler skips stored photos, the
 datapipe its cached model outputs, training resumes from ``last.ckpt`` (or is skipped once it reached
@@ -90,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
     photos = 6 if args.quick else args.photos
     t0 = time.monotonic()
 
-    t = _stage(f"1/5 demo site: 5 people x {photos} photos (+ small, truncated and duplicate files)")
+    t = _stage(f"1/6 demo site: 5 people x {photos} photos (+ small, truncated and duplicate files)")
     server = _start_server(_site(photos), args.port)
     log.info("serving %s (%.1f s)", server.base_url, time.monotonic() - t)
     try:
-        t = _stage("2/5 crawl with the real spider")
+        t = _stage("2/6 crawl with the real spider")
         cmd = [sys.executable, "-m", "crawler", "--out", str(crawl), "--base-url", server.base_url, "--no-polite",
                "--min-photos", str(photos), "--log-level", "WARNING"]  # fmt: skip
         code = subprocess.call(cmd)
@@ -105,13 +107,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.stop()
 
-    t = _stage("3/5 shards with the real datapipe on the tiny kit")
+    t = _stage("3/6 shards with the real datapipe on the tiny kit")
     code = datapipe_main(["build", "--config", "configs/shards_tiny.yaml", "--in", str(crawl), "--out", str(shards)])
     if code != 0:
         return code
     log.info("shards done (%.1f s)", time.monotonic() - t)
 
-    t = _stage("4/5 train configs/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
+    t = _stage("4/6 train configs/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
     config = yaml.safe_load(Path("configs/tiny.yaml").read_text())
     steps = args.train_steps or (6 if args.quick else config["trainer"]["max_steps"])
     ckpt = train / "checkpoints" / "last.ckpt"
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     eval_dir = out / "eval"
     if not args.skip_eval:
-        t = _stage("5/5 eval configs/eval_tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
+        t = _stage("5/6 eval configs/eval_tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
         adapter = train / "adapter" / "adapter.safetensors"
         results = eval_dir / "results.md"
         if results.is_file() and adapter.is_file() and results.stat().st_mtime > adapter.stat().st_mtime:
@@ -144,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
                 return code
         log.info("eval done (%.1f s)", time.monotonic() - t)
 
+    t = _stage("6/6 BoLID-mini: the committed trained mini weights on held-out rendered people")
+    from demo.mini import gallery
+
+    gallery_png = gallery(out / "mini")
+    log.info("mini gallery done (%.1f s)", time.monotonic() - t)
+
     rows = [
         ("crawl manifest", crawl / "manifest.jsonl"),
         ("crawl per-person counts", crawl / "persons.jsonl"),
@@ -155,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         ("sample grids", train / "samples"),
         ("results table", eval_dir / "results.md"),
         ("comparison figure", eval_dir / "comparison.png"),
+        ("mini: learned people", gallery_png),
     ]
     print(f"\nBoLID demo finished in {time.monotonic() - t0:.0f} s. Outputs:")
     for label, path in rows:

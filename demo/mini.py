@@ -169,6 +169,40 @@ def report(out: Path, docs: Path, timings: dict, args: argparse.Namespace) -> No
     atomic_write(docs / "settings.json", json.dumps(settings, indent=1, default=str))
 
 
+GALLERY_PROMPTS = (
+    "a photo of a person on a beach, wearing a red shirt and blue trousers",
+    "a photo of a person in a city at night, wearing a yellow shirt and black trousers",
+)
+
+
+def gallery(out: Path, people: int = 4, seed: int = 9) -> Path:
+    """``out/gallery.png``: held-out rendered people, and what the committed mini weights make of them.
+
+    Columns: the base model (no identity) and BoLID (the committed stage-1 adapter,
+    ``bolid/mini/weights/bolid_stage1``), same prompt and seed; the reference photos are also written to
+    ``out/references/`` so ``bolid generate --components mini`` can be tried on them.
+    """
+    from bolid.kits import mini
+    from bolid.mini.world import iter_world
+    from bolid.pipeline import BoLIDPipeline
+    from bolid.results import comparison_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "references").mkdir(exist_ok=True)
+    pipe = BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.2)
+    rows = []
+    for ident, _, _, ref, _ in iter_world(seed, people, 1):
+        ref.save(out / "references" / f"{ident.name}.png")
+        for k, prompt in enumerate(GALLERY_PROMPTS):
+            kw = dict(seed=k, num_images=1, steps=8, guidance_scale=3.0)
+            base = pipe(prompt, **kw).images[0]
+            bolid = pipe(prompt, references=[ref], **kw).images[0]
+            rows.append((f"{ident.name}: {prompt[len('a photo of a person ') :]}", ref, [base, bolid]))
+    path = out / "gallery.png"
+    comparison_grid(rows, ["base (no identity)", "BoLID (mini)"], tile=128).save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--components", choices=["real", "tiny", "mini"], default="real", help="real weights, tiny or mini kit"
     )
-    parser.add_argument("--adapter", default=None, help="adapter folder (adapter.safetensors + adapter.json)")
+    parser.add_argument(
+        "--adapter", default=None, help="adapter folder (adapter.json + weights; mini: the committed one)"
+    )
     parser.add_argument(
         "--no-lightning", dest="lightning", action="store_false", help="use the SDXL base UNet instead of Lightning"
     )
@@ -68,10 +70,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _check(args)
+        adapter = args.adapter
+        if adapter is None and args.components == "mini":  # the mini kit ships a trained adapter
+            from bolid.kits.mini import weights_dir
+
+            adapter = weights_dir() / "bolid_stage1"
         pipe = BoLIDPipeline.from_components(
             args.components,
             lightning=args.lightning,
-            adapter=args.adapter,
+            adapter=adapter,
             device=args.device,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             pose_threshold=args.pose_threshold,

@@ -39,8 +39,8 @@ from bolid.mini.world import read_labels, write_world
 
 log = logging.getLogger(__name__)
 
-#: name -> default steps (batch 16 to 64): about 10 CPU-minutes in all.
-STEPS = {"vitpose_train": 300, "vitpose_eval": 300, "clip": 300, "eva_clip": 300, "vae": 300, "unet": 1200}
+#: name -> default steps (batch 16 to 64): about 6 CPU-minutes in all.
+STEPS = {"vitpose_train": 250, "vitpose_eval": 250, "clip": 200, "eva_clip": 200, "vae": 200, "unet": 800}
 
 
 class World:
