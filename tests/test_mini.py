@@ -181,3 +181,29 @@ def test_bodies_follow_the_reference_only_with_the_identity_on(mini_pipe, body_s
     with_id = [body_sim(_generate(mini_pipe, r, seed=k), r) for k, r in enumerate(refs)]
     without = [body_sim(_generate(mini_pipe, None, seed=k), r) for k, r in enumerate(refs)]
     assert np.mean(with_id) - np.mean(without) > IDENTITY_GAIN, (with_id, without)
+
+
+# ------------------------------------------------------------------------------------------- make mini
+
+
+@pytest.mark.slow
+def test_make_mini_quick_runs_every_stage_and_resumes(tmp_path):
+    """``make mini MINI_ARGS=--quick``: world -> shards -> stage 1, ablation, stage 2 -> eval -> docs; a second
+    run reuses every finished stage (same table, adapters untouched)."""
+    import json
+
+    from demo.mini import main
+
+    out, docs = tmp_path / "run", tmp_path / "docs"
+    assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    table = (docs / "results.md").read_text()
+    for model in ("Base (no identity)", "BoLID face only", "BoLID body only", "BoLID stage 1", "BoLID stage 2",
+                  "Ablation: no appearance"):  # fmt: skip
+        assert f"| {model} |" in table
+    assert (docs / "comparison.png").stat().st_size > 0
+    settings = json.loads((docs / "settings.json").read_text())
+    assert settings["world"]["identities"] == 12 and "stage1" in settings["configs"]
+    adapters = {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in ("stage1", "stage2")}
+    assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    assert {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in adapters} == adapters
+    assert (docs / "results.md").read_text() == table

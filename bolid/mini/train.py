@@ -39,8 +39,10 @@ from bolid.mini.world import read_labels, write_world
 
 log = logging.getLogger(__name__)
 
-#: name -> default steps (batch 16 to 64): about 6 CPU-minutes in all.
-STEPS = {"vitpose_train": 250, "vitpose_eval": 250, "clip": 200, "eva_clip": 200, "vae": 200, "unet": 800}
+#: name -> default steps (batch 8 to 64): about 12 CPU-minutes in all.
+#: keypoint confidence that counts as visible for Body Sim (configs/mini/eval.yaml metrics.body_min_score).
+BODY_MIN_SCORE = 0.2
+STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 1000, "unet": 800}
 
 
 class World:
@@ -205,7 +207,7 @@ def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
     return model
 
 
-def train_vae(world: World, steps: int, work: Path, batch: int = 16):
+def train_vae(world: World, steps: int, work: Path, batch: int = 8):
     model = mini.vae(trained=False)
 
     def step(gen):
@@ -278,10 +280,10 @@ def write_body_stats(world: World, out: Path) -> None:
 
     extractor = mini.pose_extractor("eval")
     kps = torch.cat([extractor.keypoints(world.pixels[i : i + 256]) for i in range(0, len(world), 256)])
-    exact_mean, exact_std = proportion_stats(world.keypoints, min_score=0.5)
+    exact_mean, exact_std = proportion_stats(world.keypoints, min_score=BODY_MIN_SCORE)
     d = {"exact_mean": exact_mean.tolist(), "exact_std": exact_std.tolist(), "source": "evaluation keypoint model"}
     try:
-        mean, std = proportion_stats(kps, min_score=0.5)
+        mean, std = proportion_stats(kps, min_score=BODY_MIN_SCORE)
     except ValueError as e:  # an undertrained model (quick runs) sees too few bodies
         log.warning("body stats from the exact keypoints: the evaluation model %s", e)
         mean, std, d["source"] = exact_mean, exact_std, "exact keypoints (the evaluation model saw too few bodies)"
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", type=int, default=8)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every component's steps (quick runs: 0.02)")
     p.add_argument("--only", nargs="*", choices=list(STEPS), help="train only these components")
+    p.add_argument("--steps", nargs="*", default=[], metavar="NAME=N", help="set a component's steps (resumes past it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work, out = Path(args.work), Path(args.out)
@@ -332,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     todo = args.only or list(STEPS)
     steps = {k: max(2, int(v * args.scale)) for k, v in STEPS.items()}
+    for item in args.steps:
+        name, _, n = item.partition("=")
+        if name not in STEPS or not n.isdigit():
+            raise SystemExit(f"--steps: expected NAME=N with NAME in {list(STEPS)}, got {item!r}")
+        steps[name] = int(n)
     w = worlds[101]
     for name in todo:
         if (out / f"{name}.safetensors").exists():
