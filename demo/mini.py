@@ -189,7 +189,7 @@ def gallery(out: Path, people: int = 4, seed: int = 9) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "references").mkdir(exist_ok=True)
-    pipe = BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.2)
+    pipe = BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.05)
     rows = []
     for ident, _, _, ref, _ in iter_world(seed, people, 1):
         ref.save(out / "references" / f"{ident.name}.png")

@@ -126,7 +126,7 @@ def mini_pipe():
     from bolid.kits import mini
     from bolid.pipeline import BoLIDPipeline
 
-    return BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.2)
+    return BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bolid.images import load_image
 from bolid.losses import DifferentiablePose
@@ -29,7 +30,7 @@ class FullFramePoseExtractor(PoseExtractor):
         device: where the model runs.
     """
 
-    def __init__(self, model, processor, threshold: float = 0.2, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, model, processor, threshold: float = 0.05, batch_size: int = 32, device: str = "cpu"):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.net = DifferentiablePose(model, processor, beta=200.0).to(device)
@@ -37,8 +38,30 @@ class FullFramePoseExtractor(PoseExtractor):
 
     @torch.inference_mode()
     def keypoints(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, 17, 3)`` keypoints in pixels."""
-        return self.net(pixels.to(self.device)).cpu()
+        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, 17, 3)`` keypoints in pixels.
+
+        Decoded as ViTPose's own post-processing does: the heatmap's arg-max, refined to sub-pixel by the
+        centroid of its 3x3 neighbourhood (a soft-argmax over the whole map, as the training loss needs, is
+        pulled towards the background where a peak is weak).
+        """
+        net = self.net
+        _, _, h, w = pixels.shape
+        x = F.interpolate((pixels.to(self.device).float() + 1) / 2, size=net.input_hw, mode="bilinear",
+                          align_corners=False, antialias=True)  # fmt: skip
+        heat = net.model(pixel_values=(x - net.mean) / net.std).heatmaps.float()  # (B, 17, hm_h, hm_w)
+        b, k, hm_h, hm_w = heat.shape
+        peak, idx = heat.flatten(2).max(-1)
+        iy, ix = (idx // hm_w).float(), (idx % hm_w).float()
+        padded = F.pad(heat, (1, 1, 1, 1))
+        win = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # (B, K, hm_h, hm_w, 3, 3)
+        win = win.reshape(b, k, hm_h * hm_w, 9).gather(2, idx[..., None, None].expand(b, k, 1, 9))[:, :, 0]
+        win = win.clamp(min=0) + 1e-6
+        offs = torch.tensor([-1.0, 0.0, 1.0], device=heat.device)
+        dy = (win.view(b, k, 3, 3).sum(-1) * offs).sum(-1) / win.sum(-1)
+        dx = (win.view(b, k, 3, 3).sum(-2) * offs).sum(-1) / win.sum(-1)
+        px = (ix + dx + 0.5) * (w / hm_w)
+        py = (iy + dy + 0.5) * (h / hm_h)
+        return torch.stack([px, py, peak], -1).cpu()
 
     def __call__(self, images: Sequence) -> list[list[Person]]:
         ims = [load_image(im) for im in images]
@@ -46,7 +69,7 @@ class FullFramePoseExtractor(PoseExtractor):
         for start in range(0, len(ims), self.batch_size):
             batch = ims[start : start + self.batch_size]
             size = batch[0].size
-            px = torch.stack([torch.from_numpy(np.asarray(im.resize(size) if im.size != size else im)) for im in batch])
+            px = torch.stack([torch.from_numpy(np.array(im.resize(size) if im.size != size else im)) for im in batch])
             px = px.permute(0, 3, 1, 2).float() / 127.5 - 1
             kps = self.keypoints(px).numpy()
             for im, kp in zip(batch, kps, strict=True):
