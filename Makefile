@@ -46,24 +46,24 @@ format:  ## ruff format + autofix
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-crawl:  ## crawl ThePlace into OUT (configs/crawl.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
+crawl:  ## crawl ThePlace into OUT (configs/crawl/theplace.yaml); e.g. BASE_URL=http://127.0.0.1:8765 CRAWL_ARGS=--no-polite
 	$(PY) -m crawler $(if $(OUT),--out $(OUT)) $(if $(PERSONS),--persons $(PERSONS)) \
 	  $(if $(BASE_URL),--base-url $(BASE_URL)) $(CRAWL_ARGS)
 
 shards:  ## build WebDataset shards: make shards IN=<crawl out or <identity>/ folder> OUT=<dir> [CONFIG=...]
-	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make shards IN=... OUT=... [CONFIG=configs/shards.yaml]"; exit 2; }
-	$(PY) -m datapipe build --config $(or $(CONFIG),configs/shards.yaml) --in $(IN) --out $(OUT) $(SHARDS_ARGS)
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make shards IN=... OUT=... [CONFIG=configs/shards/real.yaml]"; exit 2; }
+	$(PY) -m datapipe build --config $(or $(CONFIG),configs/shards/real.yaml) --in $(IN) --out $(OUT) $(SHARDS_ARGS)
 
-train:  ## train the adapter: make train [CONFIG=configs/tiny.yaml] [SHARDS=$(DEMO_DIR)/shards] [TRAIN_ARGS=...]
-	$(PY) -m bolid fit --config $(or $(CONFIG),configs/tiny.yaml) --data.shards $(or $(SHARDS),$(DEMO_DIR)/shards) \
+train:  ## train the adapter: make train [CONFIG=configs/fit/tiny.yaml] [SHARDS=$(DEMO_DIR)/shards] [TRAIN_ARGS=...]
+	$(PY) -m bolid fit --config $(or $(CONFIG),configs/fit/tiny.yaml) --data.shards $(or $(SHARDS),$(DEMO_DIR)/shards) \
 	  $(TRAIN_ARGS)
 
-eval:  ## comparison table + figure: make eval [CONFIG=configs/eval.yaml]; the tiny default needs `make demo` first
-	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval_tiny.yaml) $(EVAL_ARGS)
+eval:  ## comparison table + figure: make eval [CONFIG=configs/eval/real.yaml]; the tiny default needs `make demo` first
+	$(PY) -m bolid eval --config $(or $(CONFIG),configs/eval/tiny.yaml) $(EVAL_ARGS)
 
 bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
-	$(PY) bench/bench_adapter.py --write BENCHMARKS.md
-	$(PY) bench/bench_datapipe.py --write BENCHMARKS.md
-	$(PY) bench/bench_crawl.py --write BENCHMARKS.md
-	$(PY) bench/bench_train_data.py --write BENCHMARKS.md
-	$(PY) bench/bench_bodysim.py --write BENCHMARKS.md
+	$(PY) -m bench.bench_adapter --write BENCHMARKS.md
+	$(PY) -m bench.bench_datapipe --write BENCHMARKS.md
+	$(PY) -m bench.bench_crawl --write BENCHMARKS.md
+	$(PY) -m bench.bench_train_data --write BENCHMARKS.md
+	$(PY) -m bench.bench_bodysim --write BENCHMARKS.md

@@ -22,14 +22,13 @@ which a shared machine's other work does not inflate. Prints a Markdown table; `
 the section between ``<!-- bench:adapter:start -->`` and ``<!-- bench:adapter:end -->`` in that file (appending
 it if absent).
 
-    python bench/bench_adapter.py --write BENCHMARKS.md
-    python bench/bench_adapter.py --real-size --write BENCHMARKS.md     # on a CUDA machine
+    python -m bench.bench_adapter --write BENCHMARKS.md
+    python -m bench.bench_adapter --real-size --write BENCHMARKS.md     # on a CUDA machine
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -39,12 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import command, machine, write_section
+from bolid.adapter import BodyConditionModule, IdentityEmbeds
+from bolid.image_encoder import ClipImageEncoder
 
-from bench.report import cores, cpu_name, write_section  # noqa: E402
-from bolid.adapter import BodyConditionModule, IdentityEmbeds  # noqa: E402 (after the path set-up above)
-from bolid.image_encoder import ClipImageEncoder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL_TRAIN, GOAL_INFER, GOAL_PARAMS = 1.15, 1.10, 0.05
 
@@ -80,14 +78,6 @@ MID_UNET = dict(
     sample_size=32,
 )
 EVA = "EVA02-L-14-336"  # BoLID's default image encoder: fixes the face / body vector width (768)
-
-
-def machine() -> str:
-    cpu = cpu_name()
-    text = f"{cores()}, {cpu}; torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f"; {torch.cuda.get_device_name()}"
-    return text
 
 
 def build(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -260,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ("trainable parameters / UNet, SDXL full size", f"< {GOAL_PARAMS:.0%}", f"{sdxl_share:.2%}",
          ok(sdxl_share < GOAL_PARAMS), f"{sdxl_adapter / 1e6:.1f}M / {sdxl_unet / 1e6:.0f}M"),
     ]  # fmt: skip
-    command = "python bench/bench_adapter.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cmd = command("bench.bench_adapter", argv)
     lines = [
         f"### Body-Condition Module overhead ({size})",
         "",
@@ -279,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|",
             *(f"| {k} | {med[k]:.3f} | {peak[k]:.1f} |" for k in fns),
         ]
-    lines += ["", f"Machine: {machine()}.", "", f"Command: `{command}`"]
+    lines += ["", f"Machine: {machine()}.", "", f"Command: `{cmd}`"]
     section = "\n".join(lines)
     print(section)
     if args.write:

@@ -18,8 +18,8 @@ Also reported:
 
 ``--stats`` prints the population statistics that bolid/metrics.py ships as BODY_STATS_MEAN/STD.
 
-    python bench/bench_bodysim.py                       # print
-    python bench/bench_bodysim.py --write BENCHMARKS.md # and replace this benchmark's section there
+    python -m bench.bench_bodysim                       # print
+    python -m bench.bench_bodysim --write BENCHMARKS.md # and replace this benchmark's section there
 """
 
 from __future__ import annotations
@@ -34,18 +34,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.report import command, machine, write_section  # noqa: E402 (after the path set-up above)
-from bolid.body import body_features  # noqa: E402
-from bolid.metrics import (  # noqa: E402
+from bench.report import command, machine, write_section
+from bolid.body import body_features
+from bolid.metrics import (
     BODY_STATS_MEAN,
     BODY_STATS_STD,
     BodySimilarity,
     body_similarity,
     proportion_stats,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = Path(os.environ.get("BOLID_SHARED_TESTDATA", ROOT.parent / "shared" / "testdata"))
 
@@ -188,7 +187,7 @@ def report(r: dict) -> str:
         "",
         f"Machine: {machine()}, mediapipe {mediapipe.__version__} (BlazePose full, CPU).",
         "",
-        f"Command: `{command()}`",
+        f"Command: `{command('bench.bench_bodysim')}`",
     ]
     return "\n".join(lines)
 

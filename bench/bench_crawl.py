@@ -7,15 +7,13 @@ RSS and the RSS growth from the 200th stored image to the last, against the goal
 RSS growth under 50 MB. Prints a Markdown table; ``--write BENCHMARKS.md`` also replaces the section between
 ``<!-- bench:crawl:start -->`` and ``<!-- bench:crawl:end -->`` in that file (appending it if absent).
 
-    python bench/bench_crawl.py --persons 10 --photos 110 --write BENCHMARKS.md
+    python -m bench.bench_crawl --persons 10 --photos 110 --write BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,12 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import scrapy
 
-from bench.report import cores, cpu_name, write_section  # noqa: E402
-from crawler.store import read_jsonl  # noqa: E402
-from demo.site import DemoServer, DemoSite  # noqa: E402 (after the path set-up above)
+from bench.report import command, machine, write_section
+from crawler.store import read_jsonl
+from demo.site import DemoServer, DemoSite
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL_IMAGES_PER_S = 30.0
 GOAL_RSS_GROWTH_MB = 50.0
@@ -80,16 +79,6 @@ def sample_until_exit(process: subprocess.Popen, images_dir: Path, t0: float, ev
     return samples
 
 
-def machine(load: float) -> str:
-    cpu = cpu_name()
-    import scrapy
-
-    return (
-        f"{cores()}, {cpu}, load average {load:.1f} at the "
-        f"start; Python {platform.python_version()}, Scrapy {scrapy.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--persons", type=int, default=10, help="generated persons (default: %(default)s)")
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     generate_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix="bench-crawl-") as tmp, DemoServer(site) as server:
         out = Path(args.out) if args.out else Path(tmp) / "out"
-        command = [
+        cmd = [
             sys.executable,
             "-m",
             "crawler",
@@ -120,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "WARNING",
         ]
         t0 = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         stderr_lines: list[str] = []
         reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
         reader.start()
@@ -145,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     steady = (kept - with_images[0].images) / first_to_last if first_to_last > 0 else float("nan")
     ok = overall >= GOAL_IMAGES_PER_S and growth < GOAL_RSS_GROWTH_MB
 
-    pretty = " ".join(shlex.quote(a) for a in ["python", "bench/bench_crawl.py", *(argv or sys.argv[1:])])
+    pretty = command("bench.bench_crawl", argv)
     table = "\n".join(
         [
             "| metric | value |",
@@ -172,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Goal: >= {GOAL_IMAGES_PER_S:.0f} images/s on 2 cores, RSS growth < {GOAL_RSS_GROWTH_MB:.0f} MB from the "
             f"200th image to the last: **{'met' if ok else 'NOT met'}**.",
             "",
-            f"Machine: {machine(load)}. "
+            f"Machine: {machine(load, f'Scrapy {scrapy.__version__}')}. "
             f"Site generation ({site.photo_count} JPEGs) took {generate_s:.1f} s, not counted.",
             "",
             f"Command: `{pretty}`",

@@ -17,7 +17,7 @@ paths' outputs. Goal: datapipe >= 1.5x the baseline's images/s per core. Prints 
 ``--write BENCHMARKS.md`` replaces the part between ``<!-- bench:datapipe:start -->`` and
 ``<!-- bench:datapipe:end -->`` in that file (appending it if absent).
 
-    python bench/bench_datapipe.py --write BENCHMARKS.md
+    python -m bench.bench_datapipe --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,18 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import command, machine, write_section
+from bolid.images import image_size
+from datapipe.resize import encode_stored, encode_stored_file, stored_size
+from datapipe.workers import WorkerPool
+from datapipe.writer import write_shard
+from demo.synthetic import jpeg_bytes, synthetic_photo
 
-from PIL import Image, ImageOps  # noqa: E402
-
-from bench.report import cores, cpu_name, write_section  # noqa: E402
-from bolid.images import image_size  # noqa: E402
-from datapipe.resize import encode_stored, encode_stored_file, stored_size  # noqa: E402
-from datapipe.workers import WorkerPool  # noqa: E402
-from datapipe.writer import write_shard  # noqa: E402
-from demo.synthetic import jpeg_bytes, synthetic_photo  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL = 1.5
 RESOLUTION = 1024
@@ -123,15 +119,11 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def machine(load: float) -> str:
-    cpu = cpu_name()
+def pillow() -> str:
     from PIL import features
 
     turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-    return (
-        f"{cores()}, {cpu}, load average {load:.1f} at the "
-        f"start; Python {platform.python_version()}, Pillow {Image.__version__} ({turbo})"
-    )
+    return f"Pillow {Image.__version__} ({turbo})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| header only (`bolid.images.image_size`) | {n / statistics.median(header_s):,.0f} |",
         f"| full decode (`Image.open(...).load()`) | {n / statistics.median(decode_s):,.1f} |",
     ]
-    pretty = " ".join(shlex.quote(a) for a in ["python", "bench/bench_datapipe.py", *(argv or sys.argv[1:])])
+    pretty = command("bench.bench_datapipe", argv)
     section = "\n".join(
         [
             "## Data pipeline CPU path (`bench/bench_datapipe.py`)",
@@ -222,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Goal: datapipe >= {GOAL}x the baseline's images/s per core: **{'met' if ok else 'NOT met'}** "
             f"({ratio:.2f}x).",
             "",
-            f"Machine: {machine(load)}. Generating the images took {generate_s:.0f} s, not counted.",
+            f"Machine: {machine(load, pillow())}. Generating the images took {generate_s:.0f} s, not counted.",
             "",
             f"Command: `{pretty}`",
         ]

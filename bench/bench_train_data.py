@@ -11,7 +11,7 @@ The goal is a loader at least 2x faster than the step that consumes it, with a s
 data loading never stalls training. On GPUs the step gets ~100x faster and the loader scales with workers: the
 number that transfers is the single-worker loader rate per image size.
 
-    python bench/bench_train_data.py --write BENCHMARKS.md
+    python -m bench.bench_train_data --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import command, machine, write_section
 
-from bench.report import command, machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GOAL_RATIO = 2.0
 
@@ -42,7 +41,7 @@ def make_shards(root: Path, identities: int, photos: int, size: tuple[int, int])
         for j in range(photos):
             synthetic_photo(*size, seed=1000 * i + j, figures=1).save(src / f"person-{i}" / f"{j}.jpg", quality=90)
     out = root / "shards"
-    argv = ["build", "--config", str(ROOT / "configs" / "shards_tiny.yaml"), "--in", str(src), "--out", str(out)]
+    argv = ["build", "--config", str(ROOT / "configs" / "shards" / "tiny.yaml"), "--in", str(src), "--out", str(out)]
     if datapipe_main(argv) != 0:
         raise SystemExit("datapipe build failed")
     return out
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| **ratio loader (0 workers) / step** | **{ratio:.1f}x** "
             f"({'met' if ratio >= GOAL_RATIO else 'MISSED'}) |",
             "",
-            f"Machine: {machine()}. Command: `{command()}`",
+            f"Machine: {machine()}. Command: `{command('bench.bench_train_data')}`",
         ]
     )
     print(body)

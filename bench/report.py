@@ -1,6 +1,7 @@
 """Shared by every benchmark in ``bench/``: the machine description and rewriting one section of BENCHMARKS.md.
 
-Each benchmark owns the section between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` and
+Run each benchmark from the repository root as a module (``python -m bench.bench_adapter``). Each benchmark owns
+the section between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` and
 replaces only that, so benchmarks can be rerun one at a time (``make bench`` runs them all).
 """
 
@@ -33,27 +34,24 @@ def cores() -> str:
     return f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))})"
 
 
-def machine() -> str:
-    """CPU model, core count, load and torch build: what a reader needs to compare numbers."""
+def machine(load: float | None = None, *extra: str) -> str:
+    """CPU model, core count, load, torch build (and GPU), Python, plus ``extra`` library versions: what a reader
+    needs to compare numbers. ``load``: the load average when the benchmark started (default: now)."""
     cpu = cpu_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     try:
         import torch
 
         tv = f", torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     except ImportError:
         tv = ""
-    return f"{cores()}, {cpu}, load {load:.1f}{tv}, Python {platform.python_version()}"
+    return ", ".join([f"{cores()}, {cpu}, load {load:.1f}{tv}, Python {platform.python_version()}", *extra])
 
 
-def command() -> str:
-    """The command line that produced the numbers, as a user would type it."""
-    script = Path(sys.argv[0])
-    try:
-        script = script.resolve().relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+def command(module: str, argv: list[str] | None = None) -> str:
+    """The command line that produced the numbers, as a user would type it: ``python -m <module> ARGS``."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(path: str | Path, name: str, body: str) -> None:

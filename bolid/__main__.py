@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # name -> (module with a `main(argv)` function, one-line help): commands with their own parser.
 LIGHTNING_COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("bolid.train.cli", "train the adapter (LightningCLI; e.g. --config configs/tiny.yaml)"),
+    "fit": ("bolid.train.cli", "train the adapter (LightningCLI; e.g. --config configs/fit/tiny.yaml)"),
     "validate": ("bolid.train.cli", "validation loss of an adapter checkpoint on held-out identities"),
     "test": ("bolid.train.cli", "test loss of an adapter checkpoint on the test identities"),
 }

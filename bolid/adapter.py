@@ -444,7 +444,7 @@ class BodyConditionModule(nn.Module):
             path: the adapter folder.
             unet: the UNet it will run in; must have the shape recorded in ``adapter.json``.
             image_encoder: the frozen image encoder; by default built from the name in ``adapter.json``
-                (the tiny kit's, or EVA-CLIP through :mod:`bolid.components`).
+                (from the kit that built it, :func:`bolid.components.image_encoder_kit`).
 
         Raises:
             FileNotFoundError: the folder lacks the files.
@@ -468,11 +468,9 @@ class BodyConditionModule(nn.Module):
             )
         enc = meta["image_encoder"]
         if image_encoder is None:
-            from bolid.kits.mini import EVA_NAME as MINI_EVA_CLIP
-            from bolid.tiny import TINY_EVA_CLIP
+            from bolid.components import image_encoder_kit
 
-            kind = {TINY_EVA_CLIP: "tiny", MINI_EVA_CLIP: "mini"}.get(enc["name"], "real")
-            image_encoder = ClipImageEncoder.from_components(kind, enc["name"])
+            image_encoder = ClipImageEncoder.from_components(image_encoder_kit(enc["name"]), enc["name"])
             image_encoder.to(unet.device)
         if image_encoder.embed_dim != enc["embed_dim"]:
             raise AdapterShapeError(

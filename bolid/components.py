@@ -1,6 +1,12 @@
-"""Every pretrained component BoLID uses: its default hub id, how to override it, and its loader.
+"""Every pretrained component BoLID uses, and the one loader for all of them: :func:`load`.
 
-Each component loads by hub id or by local path. A path (a directory holding what
+``load(name, kit)`` returns component ``name`` from a *kit*: ``real`` (the pretrained weights,
+:mod:`bolid.kits.real`), ``tiny`` (small random-init twins, :mod:`bolid.kits.tiny`), ``random``
+(real-size, random init) or ``mini`` (a small trained world). Every kit provides the same builders
+(the contract is in :mod:`bolid.kits`), so callers never branch on the kit. :func:`build_parts`
+assembles what training and generation share (SDXL, the SDXL-Lightning UNet, EVA-CLIP).
+
+Each real component loads by hub id or by local path. A path (a directory holding what
 ``from_pretrained`` expects, or a single checkpoint file where noted) always wins. The
 order of precedence for a component's source is:
 
@@ -12,33 +18,35 @@ When the weights are in neither place and the hub cannot be reached (offline, or
 ``HF_HUB_OFFLINE=1``), loading stops at once with :class:`MissingWeightsError`, which
 names the component, the id or path tried and how to provide it, instead of a stack
 trace from deep inside the hub client after a minute of retries.
-
-The tiny random-init twins of all of these live in :mod:`bolid.tiny`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 __all__ = [
     "COMPONENTS",
+    "KITS",
     "ComponentSpec",
     "MissingWeightsError",
+    "Parts",
+    "build_parts",
+    "image_encoder_kit",
+    "kit_module",
+    "load",
     "resolve",
-    "load_sdxl",
-    "load_lightning_unet",
-    "load_person_detector",
-    "load_vitpose",
-    "load_blip2",
-    "load_eva_clip",
-    "load_clip",
 ]
+
+#: The kits :func:`load` knows, each a module ``bolid.kits.<kit>`` with the builders of :mod:`bolid.kits`.
+KITS = ("real", "tiny", "random", "mini")
 
 
 @dataclass(frozen=True)
@@ -203,77 +211,11 @@ def _call(name: str, tried: str, fn, *args, **kwargs):
         raise MissingWeightsError(name, tried, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
 
 
-def load_sdxl(source: str | None = None, torch_dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """Load the SDXL base pipeline (UNet, VAE, two text encoders and tokenizers, scheduler)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    path = resolve("sdxl", source)
-    return _call(
-        "sdxl", path, StableDiffusionXLPipeline.from_pretrained, path, torch_dtype=torch_dtype, variant=variant
-    )
-
-
-def load_lightning_unet(base_unet, source: str | None = None):
-    """Build an SDXL-Lightning UNet: the base UNet's config with the distilled weights loaded.
-
-    Args:
-        base_unet: the SDXL base ``UNet2DConditionModel`` (its config and dtype are reused).
-        source: the ``.safetensors`` file, a folder holding it, or the hub repo id.
-    """
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    spec = COMPONENTS["sdxl_lightning_unet"]
-    path = Path(resolve("sdxl_lightning_unet", source))
-    if path.is_dir():
-        path = path / spec.filename
-    if not path.exists():
-        from huggingface_hub import hf_hub_download
-
-        path = Path(_call("sdxl_lightning_unet", str(path), hf_hub_download, str(path), spec.filename))
-    unet = UNet2DConditionModel.from_config(base_unet.config).to(base_unet.dtype)
-    state = _call("sdxl_lightning_unet", str(path), load_file, str(path))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MissingWeightsError(
-            "sdxl_lightning_unet", str(path), f"checkpoint does not match the SDXL UNet ({len(missing)} missing keys)"
-        )
-    return unet
-
-
 def lightning_scheduler(scheduler):
     """SDXL-Lightning's prescribed sampler: Euler with trailing timestep spacing, from any SDXL scheduler config."""
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing")
-
-
-def load_person_detector(source: str | None = None):
-    """RT-DETR detector and its image processor."""
-    from transformers import AutoProcessor, RTDetrForObjectDetection
-
-    path = resolve("person_detector", source)
-    processor = _call("person_detector", path, AutoProcessor.from_pretrained, path)
-    return _call("person_detector", path, RTDetrForObjectDetection.from_pretrained, path), processor
-
-
-def load_vitpose(source: str | None = None):
-    """ViTPose model and its image processor."""
-    from transformers import AutoProcessor, VitPoseForPoseEstimation
-
-    path = resolve("vitpose", source)
-    processor = _call("vitpose", path, AutoProcessor.from_pretrained, path)
-    return _call("vitpose", path, VitPoseForPoseEstimation.from_pretrained, path), processor
-
-
-def load_blip2(source: str | None = None, torch_dtype: torch.dtype = torch.float32):
-    """BLIP-2 captioner and its processor."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    path = resolve("blip2", source)
-    processor = _call("blip2", path, Blip2Processor.from_pretrained, path)
-    model = _call("blip2", path, Blip2ForConditionalGeneration.from_pretrained, path, torch_dtype=torch_dtype)
-    return model, processor
 
 
 def _eva_weights(name: str, pretrained: str | None) -> str:
@@ -302,39 +244,6 @@ def _eva_weights(name: str, pretrained: str | None) -> str:
     return pretrained
 
 
-def load_eva_clip(source: str | None = None, pretrained: str | None = None) -> tuple[Any, Any, Any]:
-    """EVA-CLIP through open_clip.
-
-    Args:
-        source: an open_clip architecture name (default ``EVA02-L-14-336``) or a ``local-dir:`` folder.
-        pretrained: an open_clip pretrained tag or a local checkpoint file; defaults to
-            ``$BOLID_EVA_CLIP_WEIGHTS`` or the spec's tag.
-
-    Returns:
-        ``(model, preprocess, tokenizer)``.
-    """
-    import open_clip
-
-    name = resolve("eva_clip", source)
-    if Path(name).exists():
-        name = f"local-dir:{name}"
-    kwargs: dict[str, Any] = {}
-    if not name.startswith("local-dir:"):
-        kwargs["pretrained"] = _eva_weights(name, pretrained)
-    model, _, preprocess = _call("eva_clip", name, open_clip.create_model_and_transforms, name, **kwargs)
-    tokenizer = open_clip.get_tokenizer(name)
-    return model, preprocess, tokenizer
-
-
-def load_clip(source: str | None = None):
-    """transformers CLIP model and processor (used by the CLIP-T / CLIP-I metrics)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    path = resolve("clip", source)
-    processor = _call("clip", path, CLIPProcessor.from_pretrained, path)
-    return _call("clip", path, CLIPModel.from_pretrained, path), processor
-
-
 def describe() -> list[dict[str, str]]:
     """One row per component: name, what, default id, env var and where it resolves now (no downloads)."""
     rows = []
@@ -358,3 +267,85 @@ def describe() -> list[dict[str, str]]:
                 status = "not cached"
         rows.append({"name": spec.name, "what": spec.what, "source": src, "env": spec.env_var, "status": status})
     return rows
+
+
+# ------------------------------------------------------------------------------------------ one loader
+
+
+def kit_module(kit: str | ModuleType) -> ModuleType:
+    """The module of ``kit`` (a name in :data:`KITS`, or a module that provides the builders itself).
+
+    Raises:
+        ValueError: an unknown kit, or one whose module is not in this installation.
+    """
+    if isinstance(kit, ModuleType):
+        return kit
+    if kit not in KITS:
+        raise ValueError(f"unknown components kit {kit!r}; known kits: {', '.join(KITS)}")
+    try:
+        return importlib.import_module(f"bolid.kits.{kit}")
+    except ModuleNotFoundError as e:
+        if e.name != f"bolid.kits.{kit}":
+            raise
+        raise ValueError(f"components kit {kit!r} is not available here (no module bolid.kits.{kit})") from None
+
+
+def load(name: str, kit: Any = "real", source: str | None = None, **kwargs):
+    """Component ``name`` from ``kit``: ``kit.<name>(source, **kwargs)`` (builder contract: :mod:`bolid.kits`).
+
+    Args:
+        name: a key of :data:`COMPONENTS` (``sdxl``, ``sdxl_lightning_unet``, ``person_detector``, ``vitpose``,
+            ``blip2``, ``eva_clip``, ``clip``).
+        kit: a kit name (:data:`KITS`), a kit module, or a :class:`bolid.config.ComponentsConfig` (its ``kind``,
+            and its override for ``name`` when ``source`` is not given).
+        source: hub id or local path for kits that load weights; kits built in-process ignore it.
+        kwargs: the builder's own options (``torch_dtype``, ``base_unet``, ``pretrained``).
+
+    Raises:
+        ValueError: an unknown component or kit, or a kit without a builder for ``name``.
+    """
+    if hasattr(kit, "kind") and hasattr(kit, "source"):  # a ComponentsConfig
+        source = source or kit.source(name)
+        kit = kit.kind
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+    module = kit_module(kit)
+    builder = getattr(module, name, None)
+    if not callable(builder):
+        raise ValueError(f"components kit {module.__name__.rsplit('.', 1)[-1]!r} has no builder for {name!r}")
+    return builder(source, **kwargs)
+
+
+def image_encoder_kit(name: str) -> str:
+    """The kit whose EVA-CLIP is called ``name`` (as an adapter records it): the kit that sets that
+    ``EVA_CLIP_NAME``, else ``real`` (a real architecture name or path)."""
+    for kit in KITS:
+        try:
+            module = kit_module(kit)
+        except ValueError:
+            continue
+        if getattr(module, "EVA_CLIP_NAME", None) == name:
+            return kit
+    return "real"
+
+
+@dataclass
+class Parts:
+    """What training and generation both build: SDXL, optionally the SDXL-Lightning UNet, and EVA-CLIP."""
+
+    sdxl: dict[str, Any]  # StableDiffusionXLPipeline(**sdxl) components; ``unet`` is the base UNet
+    lightning_unet: Any | None
+    eva_clip: tuple[Any, Any, Any, str]  # (model, preprocess, tokenizer, name)
+
+
+def build_parts(kit: Any, lightning: bool, torch_dtype: torch.dtype = torch.float32) -> Parts:
+    """Build the shared parts from ``kit`` (a kit name or a ``ComponentsConfig``), in one fixed order.
+
+    Args:
+        kit: as in :func:`load`.
+        lightning: also build the SDXL-Lightning UNet (for the base UNet's config).
+        torch_dtype: dtype for the SDXL weights where the kit loads them (callers cast afterwards anyway).
+    """
+    sdxl = load("sdxl", kit, torch_dtype=torch_dtype)
+    lightning_unet = load("sdxl_lightning_unet", kit, base_unet=sdxl["unet"]) if lightning else None
+    return Parts(sdxl, lightning_unet, load("eva_clip", kit))

@@ -1,10 +1,9 @@
 """Config plumbing shared by every stage: YAML loading with clear errors and the ``components`` switch.
 
-Every YAML in ``configs/`` may carry a ``components`` entry that picks real weights or the
+Every YAML in ``configs/<command>/`` may carry a ``components`` entry that picks real weights or the
 tiny kit, in either form::
 
     components: tiny                # tests, demo, benchmarks: tiny random-init twins
-    components: mini                # small components trained on the BoLID-mini world (bolid/kits/mini.py)
     components:                     # real weights, some from local folders
       kind: real
       overrides: {sdxl: /models/sdxl-base, vitpose: /models/vitpose-base-simple}
@@ -18,14 +17,15 @@ from typing import Any
 
 import yaml
 
-from bolid.components import COMPONENTS
+from bolid.components import COMPONENTS, KITS
 
-KINDS = ("real", "tiny", "mini")
+KINDS = KITS
 
 
 @dataclass(frozen=True)
 class ComponentsConfig:
-    """Which weights to use: ``kind`` is ``"real"`` or ``"tiny"``; ``overrides`` maps component -> id or path."""
+    """Which weights to use: ``kind`` is a kit (:data:`bolid.components.KITS`); ``overrides`` maps component -> id
+    or path."""
 
     kind: str = "real"
     overrides: dict[str, str] = field(default_factory=dict)
@@ -40,13 +40,13 @@ class ComponentsConfig:
             )
 
     @property
-    def tiny(self) -> bool:
-        return self.kind == "tiny"
-
-    @property
     def mini(self) -> bool:
         """The mini kit (:mod:`bolid.kits.mini`): small components trained on the BoLID-mini world."""
         return self.kind == "mini"
+
+    @property
+    def tiny(self) -> bool:
+        return self.kind == "tiny"
 
     def source(self, name: str) -> str | None:
         """The override for component ``name``, or ``None`` for its default."""
@@ -66,7 +66,7 @@ class ComponentsConfig:
             if extra:
                 raise ValueError(f"components: unknown key(s) {sorted(extra)}; valid keys are 'kind' and 'overrides'")
             return cls(kind=value.get("kind", "real"), overrides=dict(value.get("overrides") or {}))
-        raise ValueError(f"components must be 'real', 'tiny', 'mini' or a mapping, got {type(value).__name__}")
+        raise ValueError(f"components must be 'real', 'tiny' or a mapping, got {type(value).__name__}")
 
 
 def load_yaml(path: str | Path) -> dict:

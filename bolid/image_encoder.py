@@ -48,8 +48,8 @@ class ClipImageEncoder(nn.Module):
     diffusers' ``CLIPVisionModelWithProjection.image_embeds`` that IP-Adapter feeds its projection).
 
     Args:
-        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` model, e.g. from :func:`bolid.components.load_eva_clip`
-            or :func:`bolid.tiny.tiny_eva_clip`. Only its visual tower is kept.
+        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` model, e.g. from
+            ``bolid.components.load("eva_clip", kit)``. Only its visual tower is kept.
         name: the open_clip architecture name, recorded in adapter files so that loading can check it.
     """
 
@@ -71,23 +71,11 @@ class ClipImageEncoder(nn.Module):
 
     @classmethod
     def from_components(cls, kind: str = "real", source: str | None = None, pretrained: str | None = None):
-        """EVA-CLIP from real weights (``kind="real"``, see :func:`bolid.components.load_eva_clip`) or the tiny kit."""
-        if kind == "tiny":
-            from bolid import tiny
+        """EVA-CLIP from a components kit (``real``, ``tiny``, ...; see :func:`bolid.components.load`)."""
+        from bolid import components
 
-            model, _, _ = tiny.tiny_eva_clip()
-            return cls(model, tiny.TINY_EVA_CLIP)
-        if kind == "mini":
-            from bolid.kits import mini
-
-            model, _, _ = mini.eva_clip()
-            return cls(model, mini.EVA_NAME)
-        if kind == "real":
-            from bolid import components
-
-            model, _, _ = components.load_eva_clip(source, pretrained)
-            return cls(model, source or components.COMPONENTS["eva_clip"].default)
-        raise ValueError(f"image encoder kind must be 'real', 'tiny' or 'mini', got {kind!r}")
+        model, _, _, name = components.load("eva_clip", kind, source, pretrained=pretrained)
+        return cls(model, name)
 
     def train(self, mode: bool = True) -> ClipImageEncoder:
         return super().train(False)  # always frozen: keep dropout / norm statistics in eval mode

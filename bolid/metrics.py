@@ -351,27 +351,17 @@ def clip_loader(components: str = "real", source: str | None = None) -> Callable
     CLIP-I share one CLIP.
 
     Args:
-        components: ``"real"`` (``openai/clip-vit-large-patch14`` via :func:`bolid.components.load_clip`)
-            , ``"tiny"`` (:func:`bolid.tiny.tiny_clip`) or ``"mini"`` (:func:`bolid.kits.mini.clip`, trained).
+        components: the kit (``"real"``: ``openai/clip-vit-large-patch14``; ``"tiny"``, ...), see
+            :func:`bolid.components.load`.
         source: a hub id or local folder for the real model (see ``components.overrides.clip``).
     """
-    if components not in ("real", "tiny", "mini"):
-        raise ValueError(f"components must be 'real', 'tiny' or 'mini', got {components!r}")
+    from bolid import components as comp
+
+    comp.kit_module(components)  # an unknown kit fails here, not at the first metric
 
     @functools.cache
     def load() -> tuple:
-        if components == "tiny":
-            from bolid.tiny import tiny_clip
-
-            model, processor = tiny_clip()
-        elif components == "mini":
-            from bolid.kits.mini import clip
-
-            model, processor = clip()
-        else:
-            from bolid.components import load_clip
-
-            model, processor = load_clip(source)
+        model, processor = comp.load("clip", components, source)
         return _FeatureTensors(model.eval().requires_grad_(False)), processor
 
     return load

@@ -109,34 +109,21 @@ class BoLIDPipeline:
         from diffusers import StableDiffusionXLPipeline
 
         from bolid import components as comp
-        from bolid import tiny
 
         cfg = ComponentsConfig.parse(components)
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if adapter is not None:
             BodyConditionModule.read_config(adapter)  # fail on a bad path before loading gigabytes
-        if cfg.tiny:
-            parts = tiny.tiny_sdxl_components()
-            base_unet = parts["unet"]
-            if lightning:
-                parts["unet"] = tiny.tiny_lightning_unet(parts["unet"])
-            image_encoder = ClipImageEncoder.from_components("tiny")
-        elif cfg.mini:
-            from bolid.kits import mini
-
-            parts = mini.sdxl_components()
-            base_unet = parts["unet"]
-            image_encoder = ClipImageEncoder.from_components("mini")
-        else:
-            base = comp.load_sdxl(cfg.source("sdxl"), torch_dtype=dtype)
-            parts = dict(base.components)
-            base_unet = base.unet
-            if lightning:
-                parts["unet"] = comp.load_lightning_unet(base.unet, cfg.source("sdxl_lightning_unet"))
-            image_encoder = ClipImageEncoder.from_components("real", cfg.source("eva_clip"))
+        built = comp.build_parts(cfg, lightning=lightning, torch_dtype=dtype)
+        parts = dict(built.sdxl)
+        base_unet = parts["unet"]
         if lightning:
+            parts["unet"] = built.lightning_unet
             parts["scheduler"] = comp.lightning_scheduler(parts["scheduler"])
+        eva, _, _, eva_name = built.eva_clip
+        image_encoder = ClipImageEncoder(eva, eva_name)
+        del built
         sdxl = StableDiffusionXLPipeline(**parts)
         if sdxl.unet.dtype != dtype:
             sdxl.to(device, dtype)
@@ -149,15 +136,11 @@ class BoLIDPipeline:
         if adapter is not None:
             module = BodyConditionModule.load(adapter, base_unet, image_encoder)
         else:
-            if cfg.kind == "real":
+            if not cfg.tiny:
                 log.warning("no adapter given: using a freshly initialised, untrained adapter (identity will not hold)")
             module = BodyConditionModule(base_unet, image_encoder, adapter_config)
         module.to(device, dtype)
         del base_unet
-        if extractor is None and cfg.mini:
-            from bolid.pose import build_extractor
-
-            extractor = build_extractor("vitpose", "mini", device=device, threshold=pose_threshold)
         if extractor is None:
             extractor = VitPoseExtractor.from_components(
                 cfg.kind,
@@ -212,42 +195,20 @@ class BoLIDPipeline:
             width: image width in pixels.
             output_type: ``"pil"`` (PIL images) or ``"np"`` (one float array ``(N, H, W, 3)`` in ``[0, 1]``).
         """
-        if not prompt or not isinstance(prompt, str):
-            raise ValueError("prompt must be a non-empty string")
-        if references is not None and embeds is not None:
-            raise ValueError("pass references or embeds, not both")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        steps = steps or (LIGHTNING_STEPS if self.lightning else BASE_STEPS)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if self.lightning and steps != LIGHTNING_STEPS:
-            log.warning("the SDXL-Lightning UNet is distilled for %d steps; running %d", LIGHTNING_STEPS, steps)
+        steps = self.check_inputs(prompt, references, embeds, steps, num_images)
         if guidance_scale is None:
             guidance_scale = 0.0 if self.lightning else BASE_GUIDANCE
-        refs: list[Reference] = []
-        if references is not None:
-            embeds, refs = self.encode_references(references)
-        saved = self.adapter.scales
-        identity = embeds is not None
-        if embeds is None:  # no identity: zero vectors with both terms switched off = the base model
-            cfg = self.adapter.config
-            zeros = torch.zeros(1, self.adapter.image_encoder.embed_dim), torch.zeros(1, cfg.body_dim)
-            embeds = IdentityEmbeds(*zeros, torch.zeros(1, dtype=torch.bool))
+        embeds, refs, identity = self.prepare_identity(references, embeds)
+        if not identity:  # no identity: both terms switched off = the base model
             scale_face, scale_body = 0.0, 0.0
-        if len(embeds) != 1:
-            raise ValueError(f"embeds must hold one identity (combine references with .mean()), got {len(embeds)}")
+        saved = self.adapter.scales
         self.adapter.set_scales(face=scale_face, body=scale_body)
         scales = self.adapter.scales
         do_cfg = guidance_scale > 1.0
         unet = self.sdxl.unet
         height = height or unet.config.sample_size * self.sdxl.vae_scale_factor
         width = width or unet.config.sample_size * self.sdxl.vae_scale_factor
-        kwargs = {}
-        if not bool(embeds.face_visible.all()):
-            latent = (height // self.sdxl.vae_scale_factor, width // self.sdxl.vae_scale_factor)
-            mask = face_masks(embeds.face_visible.repeat(num_images * (2 if do_cfg else 1)).cpu(), latent)
-            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [mask.to(self.device), None]}
+        kwargs = self.prepare_face_masks(embeds, num_images * (2 if do_cfg else 1), height, width)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         try:
             images = self.sdxl(
@@ -265,15 +226,101 @@ class BoLIDPipeline:
             ).images
         finally:
             self.adapter.set_scales(face=saved["face"], body=saved["body"])
-        settings = {
+        settings = self.settings(
+            prompt=prompt,
+            negative_prompt=negative_prompt if do_cfg else None,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scales=scales,
+            identity=identity,
+            face_used=bool(embeds.face_visible.all()) and identity,
+            seed=seed,
+            num_images=num_images,
+            height=height,
+            width=width,
+            refs=refs,
+        )
+        return GenerationResult(images, embeds, refs, settings)
+
+    # ------------------------------------------------------------------------------- steps of __call__
+
+    def check_inputs(
+        self,
+        prompt: str,
+        references: Sequence | None,
+        embeds: IdentityEmbeds | None,
+        steps: int | None,
+        num_images: int,
+    ) -> int:
+        """Raise ``ValueError`` on bad arguments; returns the number of sampling steps (default for the UNet)."""
+        if not prompt or not isinstance(prompt, str):
+            raise ValueError("prompt must be a non-empty string")
+        if references is not None and embeds is not None:
+            raise ValueError("pass references or embeds, not both")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        steps = steps or (LIGHTNING_STEPS if self.lightning else BASE_STEPS)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if self.lightning and steps != LIGHTNING_STEPS:
+            log.warning("the SDXL-Lightning UNet is distilled for %d steps; running %d", LIGHTNING_STEPS, steps)
+        return steps
+
+    def prepare_identity(
+        self, references: Sequence | None, embeds: IdentityEmbeds | None
+    ) -> tuple[IdentityEmbeds, list[Reference], bool]:
+        """The identity to condition on: ``(embeds, references used, whether there is an identity)``.
+
+        From ``references`` (encoded), or ``embeds`` as given; with neither, zero vectors (the caller switches
+        both identity terms off, which gives the base model's output).
+        """
+        refs: list[Reference] = []
+        if references is not None:
+            embeds, refs = self.encode_references(references)
+        identity = embeds is not None
+        if embeds is None:
+            cfg = self.adapter.config
+            zeros = torch.zeros(1, self.adapter.image_encoder.embed_dim), torch.zeros(1, cfg.body_dim)
+            embeds = IdentityEmbeds(*zeros, torch.zeros(1, dtype=torch.bool))
+        if len(embeds) != 1:
+            raise ValueError(f"embeds must hold one identity (combine references with .mean()), got {len(embeds)}")
+        return embeds, refs, identity
+
+    def prepare_face_masks(self, embeds: IdentityEmbeds, batch: int, height: int, width: int) -> dict:
+        """``cross_attention_kwargs`` that drop the face term where no face is visible (diffusers'
+        ``ip_adapter_masks``); empty when every face is visible. ``batch``: rows in the UNet batch (with CFG)."""
+        if bool(embeds.face_visible.all()):
+            return {}
+        latent = (height // self.sdxl.vae_scale_factor, width // self.sdxl.vae_scale_factor)
+        mask = face_masks(embeds.face_visible.repeat(batch).cpu(), latent)
+        return {"cross_attention_kwargs": {"ip_adapter_masks": [mask.to(self.device), None]}}
+
+    def settings(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str | None,
+        steps: int,
+        guidance_scale: float,
+        scales: dict[str, float],
+        identity: bool,
+        face_used: bool,
+        seed: int,
+        num_images: int,
+        height: int,
+        width: int,
+        refs: list[Reference],
+    ) -> dict:
+        """Every setting of one call, as ``settings.json`` records it."""
+        return {
             "prompt": prompt,
-            "negative_prompt": negative_prompt if do_cfg else None,
+            "negative_prompt": negative_prompt,
             "steps": steps,
             "guidance_scale": guidance_scale,
             "scale_face": scales["face"],
             "scale_body": scales["body"],
             "identity": identity,
-            "face_used": bool(embeds.face_visible.all()) and identity,
+            "face_used": face_used,
             "seed": seed,
             "seeds": [seed + i for i in range(num_images)],
             "num_images": num_images,
@@ -285,7 +332,7 @@ class BoLIDPipeline:
                 **{k: v for k, v in self.sdxl.scheduler.config.items() if not k.startswith("_")},
             },
             "device": str(self.device),
-            "dtype": str(unet.dtype).replace("torch.", ""),
+            "dtype": str(self.sdxl.unet.dtype).replace("torch.", ""),
             "references_combined_by": "mean of per-reference embedding vectors (face: over visible faces)",
             "references": [r.to_dict() for r in refs],
             "pose_threshold": self.pose_threshold,
@@ -293,4 +340,3 @@ class BoLIDPipeline:
             "image_encoder": self.adapter.image_encoder.name,
             **self.info,
         }
-        return GenerationResult(images, embeds, refs, settings)

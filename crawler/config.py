@@ -1,5 +1,5 @@
-"""Crawl configuration: the YAML defaults in ``configs/crawl.yaml``, their validation, and the Scrapy settings
-and spider arguments they become.
+"""Crawl configuration: the defaults (this dataclass; ``configs/crawl/theplace.yaml`` states them with comments), their
+validation, and the Scrapy settings and spider arguments they become.
 
 :class:`CrawlConfig` has one field per YAML key; ``python -m crawler`` has one flag per field. Unknown keys and
 out-of-range values raise ``ValueError`` naming the key.
@@ -16,12 +16,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "crawl.yaml"
-
 
 @dataclass(frozen=True)
 class CrawlConfig:
-    """All knobs of a crawl (the YAML keys; comments in ``configs/crawl.yaml``)."""
+    """All knobs of a crawl (the YAML keys; comments in ``configs/crawl/theplace.yaml``)."""
 
     base_url: str = "https://www.theplace.ru"
     out: str = "data/crawl"
@@ -89,7 +87,7 @@ class CrawlConfig:
             raise ValueError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, got {self.log_level!r}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> CrawlConfig:
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> CrawlConfig:
         """Load a YAML file, then apply ``overrides`` (``None`` values are ignored)."""
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):

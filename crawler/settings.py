@@ -1,7 +1,7 @@
 """Scrapy settings of the crawler project: polite defaults, the middlewares and pipelines, and ``CRAWL_*`` knobs.
 
-These are the defaults of a bare ``scrapy crawl theplace``; ``python -m crawler`` overrides them from
-``configs/crawl.yaml`` and its flags (see :mod:`crawler.config`). Politeness is on by default: robots.txt obeyed,
+These are the defaults of a bare ``scrapy crawl theplace``; ``python -m crawler`` overrides them from its
+config and flags (see :mod:`crawler.config`). Politeness is on by default: robots.txt obeyed,
 one request at a time per domain, a delay between requests plus AutoThrottle, an honest User-Agent, and retries of
 429/5xx with exponential backoff.
 """

@@ -14,5 +14,5 @@ keypoints so that training never runs a detector. ``python -m datapipe build`` r
 
 Runs are restartable and idempotent (:mod:`datapipe.build`, :mod:`datapipe.cache`) and scale
 out over machines by identity (``--num-parts N --part i``, then :mod:`datapipe.index`'s merge).
-Settings: :mod:`datapipe.config` and ``configs/shards*.yaml``.
+Settings: :mod:`datapipe.config` and ``configs/shards/*.yaml``.
 """

@@ -1,6 +1,6 @@
 """``python -m datapipe``: build identity-grouped WebDataset shards from crawled or own photos.
 
-python -m datapipe build --config configs/shards.yaml --in IN --out OUT
+python -m datapipe build --config configs/shards/real.yaml --in IN --out OUT
 python -m datapipe build ... --num-parts 8 --part 3     # one of 8 machines
 python -m datapipe merge OUT                            # after all parts finished
 """
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
             "Restartable: re-running after a crash or after adding images repeats no finished work."
         ),
     )
-    b.add_argument("--config", required=True, help="YAML settings: configs/shards.yaml, configs/shards_tiny.yaml")
+    b.add_argument("--config", required=True, help="YAML settings: configs/shards/real.yaml, configs/shards/tiny.yaml")
     b.add_argument(
         "--in",
         dest="in_dir",

@@ -177,17 +177,11 @@ class Captioner:
             from bolid.mini.caption import ZeroShotCaptioner
 
             self.device, self.dtype = self.config.resolved_device(), dtype
-            self.model = ZeroShotCaptioner(*clip(), device=self.device)
-            self.input_size = None
+            self.model, self.input_size = ZeroShotCaptioner(*clip(), device=self.device), None
             return
-        if self.config.components.tiny:
-            from bolid.tiny import tiny_blip2
+        from bolid.components import load
 
-            model, processor = tiny_blip2()
-        else:
-            from bolid.components import load_blip2
-
-            model, processor = load_blip2(self.config.components.source("blip2"), torch_dtype=dtype)
+        model, processor = load("blip2", self.config.components, torch_dtype=dtype)
         self.device = self.config.resolved_device()
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)

@@ -80,7 +80,7 @@ def build(
     """Run every stage for one part of the identities and write its shards and part index.
 
     Args:
-        config: the settings (``configs/shards*.yaml`` plus command-line overrides).
+        config: the settings (``configs/shards/*.yaml`` plus command-line overrides).
         in_dir: the crawler's output folder (with ``manifest.jsonl``) or an ``<identity>/<image>`` folder.
         out_dir: where shards, index, stats and the cache go.
         part: which part this run is, ``0 <= part < num_parts``.

@@ -1,4 +1,4 @@
-"""Settings of ``python -m datapipe build``, read from ``configs/shards*.yaml``.
+"""Settings of ``python -m datapipe build``, read from ``configs/shards/*.yaml``.
 
 Each YAML section maps to one dataclass below; every field is documented on its class and
 checked on construction, and an unknown key is an error naming it (a typo never falls

@@ -1,9 +1,9 @@
 """``make mini`` (``python -m demo.mini``): BoLID end to end on the BoLID-mini world, on a CPU.
 
 1. **world**: render the people (:mod:`bolid.mini.world`) as ``<identity>/<photo>.png`` folders;
-2. **shards**: the real datapipe (``configs/mini/shards.yaml``: mini keypoint model, zero-shot captions);
-3. **stage 1**, the **ablation** and **stage 2**: ``bolid fit`` with ``configs/mini/*.yaml``;
-4. **eval**: ``bolid eval`` with ``configs/mini/eval.yaml`` (base, face only, body only, stage 1, stage 2,
+2. **shards**: the real datapipe (``configs/shards/mini.yaml``: mini keypoint model, zero-shot captions);
+3. **stage 1**, the **ablation** and **stage 2**: ``bolid fit`` with ``configs/fit/mini_*.yaml``;
+4. **eval**: ``bolid eval`` with ``configs/eval/mini.yaml`` (base, face only, body only, stage 1, stage 2,
    ablation; Body Sim with the evaluation keypoint model, CLIP-T, CLIP-I, 95% CIs over held-out people);
 5. **report**: ``results.md``, ``comparison.png`` and ``settings.json`` copied to ``--docs``.
 
@@ -29,7 +29,14 @@ from bolid.files import atomic_write
 
 log = logging.getLogger("bolid.mini")
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "mini"
+#: name -> config file (each is copied to ``<out>/configs/<name>.yaml`` with its paths retargeted).
+CONFIGS = {
+    "shards": ROOT / "configs" / "shards" / "mini.yaml",
+    "stage1": ROOT / "configs" / "fit" / "mini_stage1.yaml",
+    "ablation": ROOT / "configs" / "fit" / "mini_ablation.yaml",
+    "stage2": ROOT / "configs" / "fit" / "mini_stage2.yaml",
+    "eval": ROOT / "configs" / "eval" / "mini.yaml",
+}
 TRAININGS = ("stage1", "ablation", "stage2")
 
 
@@ -45,8 +52,8 @@ def _retarget(value, out: str):
 
 
 def write_config(name: str, out: Path, overrides: dict | None = None) -> Path:
-    """``configs/mini/<name>.yaml`` retargeted to ``out`` (plus nested ``overrides``), as ``<out>/configs/``."""
-    cfg = _retarget(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), str(out))
+    """Config ``name`` (:data:`CONFIGS`) retargeted to ``out`` (plus nested ``overrides``), in ``<out>/configs/``."""
+    cfg = _retarget(yaml.safe_load(CONFIGS[name].read_text()), str(out))
     for dotted, v in (overrides or {}).items():
         node = cfg
         *parents, leaf = dotted.split(".")

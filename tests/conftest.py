@@ -32,7 +32,7 @@ def shared_testdata() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from bolid.tiny import tiny_sdxl_pipeline
+    from bolid.kits.tiny import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
 
@@ -55,7 +55,7 @@ def tiny_shards(tmp_path_factory) -> Path:
         for j in range(5):
             synthetic_photo(192, 256, seed=100 * i + j, figures=1).save(folder / f"{j}.jpg", quality=90)
     out = root / "shards"
-    config = ROOT / "configs" / "shards_tiny.yaml"
+    config = ROOT / "configs" / "shards" / "tiny.yaml"
     argv = ["build", "--config", str(config), "--in", str(photos), "--out", str(out), "--workers", "0"]
     assert datapipe_main(argv) == 0
     return out

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bolid import tiny
 from bolid.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -23,6 +22,7 @@ from bolid.adapter import (
 )
 from bolid.attention import linear_weight
 from bolid.image_encoder import ClipImageEncoder
+from bolid.kits import tiny
 
 SIZE = (120, 80)  # reference photo scaled to (width, height)
 

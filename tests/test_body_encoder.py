@@ -138,7 +138,7 @@ def test_crop_boxes_cuts_exact_pixels_and_pads_black():
 
 
 def test_clip_image_encoder_is_frozen_open_clip():
-    from bolid import tiny
+    from bolid.kits import tiny
 
     model, preprocess, _ = tiny.tiny_eva_clip()
     enc = ClipImageEncoder(model, tiny.TINY_EVA_CLIP)

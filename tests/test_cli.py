@@ -11,7 +11,9 @@ import pytest
 from bolid.__main__ import COMMANDS, LIGHTNING_COMMANDS, main
 from bolid.config import ComponentsConfig, load_yaml
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("**/*.yaml"))
+IDS = [str(p.relative_to(CONFIG_DIR)) for p in CONFIGS]
 
 
 def test_help_lists_every_subcommand():
@@ -32,33 +34,59 @@ def test_pose_command_on_a_real_photo(fixtures, capsys):
     assert '"persons": [{"box"' in out
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_parses(path):
-    data = load_yaml(path)
-    assert isinstance(data, dict) and data
-    if "components" in data:
-        ComponentsConfig.parse(data["components"])
-
-
-def test_configs_exist():
-    assert len(CONFIGS) >= 2
-
-
-TRAIN_CONFIGS = [p for p in CONFIGS if "trainer" in load_yaml(p)]
-
-
-@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
-def test_training_configs_validate_against_the_cli(path):
-    """Every key of a LightningCLI config must exist and have the right type (parsed, not instantiated)."""
+def parse_fit_config(path: Path, *extra: str):
+    """Parse and type-check a LightningCLI config (nothing is instantiated: no weights are loaded)."""
     from bolid.train.cli import BoLIDCLI
     from bolid.train.datamodule import PairDataModule
     from bolid.train.module import BoLIDTrainingModule
 
     class ParseOnly(BoLIDCLI):
-        def instantiate_classes(self) -> None:  # parse and type-check only: no weights are loaded
+        def instantiate_classes(self) -> None:
             pass
 
-    cli = ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path)])
+    return ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path), *extra])
+
+
+def parse_config(path: Path):
+    """Parse a config with the parser of the command its folder is named for (configs/<command>/*.yaml)."""
+    from bolid.cli.eval import EvalConfig
+    from bolid.evaluate import load_prompts
+    from crawler.config import CrawlConfig
+    from datapipe.config import BuildConfig
+
+    command = path.relative_to(CONFIG_DIR).parts[0]
+    if command == "crawl":
+        return CrawlConfig.from_yaml(path)
+    if command == "shards":
+        return BuildConfig.from_yaml(path)
+    if command == "fit":
+        return parse_fit_config(path).config
+    if command == "eval":
+        return load_prompts(path) if path.name == "prompts.yaml" else EvalConfig.from_yaml(path)
+    if command == "components":
+        return ComponentsConfig.parse(load_yaml(path)["components"])
+    raise AssertionError(f"{path}: a config belongs in configs/<command>/ (crawl, shards, fit, eval, components)")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_every_config_parses_with_its_commands_parser(path):
+    assert parse_config(path)
+    data = load_yaml(path)
+    if "components" in data:
+        ComponentsConfig.parse(data["components"])
+
+
+def test_configs_are_grouped_by_command():
+    assert {p.relative_to(CONFIG_DIR).parts[0] for p in CONFIGS} == {"crawl", "shards", "fit", "eval", "components"}
+
+
+TRAIN_CONFIGS = [p for p in CONFIGS if p.relative_to(CONFIG_DIR).parts[0] == "fit"]
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
+def test_training_configs_reject_a_typo(path):
+    """Every key of a LightningCLI config must exist and have the right type (parsed, not instantiated)."""
+    cli = parse_fit_config(path)
     assert cli.config["model"]["components"] in ("tiny", "real")
     with pytest.raises(SystemExit):
-        ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path), "--model.lrr", "1"])
+        parse_fit_config(path, "--model.lrr", "1")

@@ -41,7 +41,7 @@ from datapipe.resize import decode_stored, encode_stored_file
 from demo.synthetic import jpeg_bytes, synthetic_photo
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_YAML = ROOT / "configs" / "shards_tiny.yaml"
+TINY_YAML = ROOT / "configs" / "shards" / "tiny.yaml"
 # Plain photos per identity (before the special cases below); dave has too few, erin only a small one.
 PLAIN = {"alice": 9, "bob": 8, "carol": 6, "dave": 2}
 # Files every ingest rule must reject, by relative path.
@@ -91,7 +91,7 @@ def image_files(root: Path) -> list[str]:
 
 
 def write_config(tmp: Path) -> Path:
-    """configs/shards_tiny.yaml with small model batches (more batches: more points to kill at)."""
+    """configs/shards/tiny.yaml with small model batches (more batches: more points to kill at)."""
     data = yaml.safe_load(TINY_YAML.read_text())
     data["pose"]["batch_size"] = 2
     data["caption"]["batch_size"] = 2

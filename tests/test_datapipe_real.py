@@ -22,7 +22,7 @@ from datapipe.build import build
 from datapipe.config import BuildConfig
 from demo.synthetic import jpeg_bytes
 
-TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "shards_tiny.yaml"
+TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "shards" / "tiny.yaml"
 
 HEADSHOTS = {  # file -> why it must be rejected
     "portraits/examples_knn_examples_test_obama1.jpg": ("pose", "too_few_keypoints"),

@@ -203,14 +203,14 @@ def test_part_lock_excludes_a_second_build(tmp_path):
 # ------------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("shards*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "shards").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shards_config_parses(path):
     config = BuildConfig.from_yaml(path)
     assert config.shards.resolution >= 16
 
 
 def test_config_errors_name_the_key(tmp_path):
-    base = (ROOT / "configs" / "shards.yaml").read_text()
+    base = (ROOT / "configs" / "shards" / "real.yaml").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text(base.replace("min_photos: 100", "min_photo: 100"))
     with pytest.raises(ValueError, match=r"identities\.min_photo .*did you mean identities\.min_photos"):
@@ -221,7 +221,7 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text(base.replace("resample: bilinear", "resample: nearest"))
     with pytest.raises(ValueError, match=r"shards\.resample"):
         BuildConfig.from_yaml(bad)
-    config = BuildConfig.from_yaml(ROOT / "configs" / "shards.yaml")
+    config = BuildConfig.from_yaml(ROOT / "configs" / "shards" / "real.yaml")
     changed = config.replace(components="tiny", workers=0, pose__batch_size=3, device=None)
     assert changed.components.tiny and changed.workers == 0 and changed.pose.batch_size == 3
     assert changed.device == config.device and config.pose.batch_size == 16
@@ -275,9 +275,9 @@ def test_read_index_errors(tmp_path):
 def test_captioner_returns_the_continuation_of_the_prompt():
     import torch
 
-    from bolid.tiny import tiny_blip2
+    from bolid.kits.tiny import tiny_blip2
 
-    config = BuildConfig.from_yaml(ROOT / "configs" / "shards_tiny.yaml")
+    config = BuildConfig.from_yaml(ROOT / "configs" / "shards" / "tiny.yaml")
     images = [synthetic_photo(64, 64, s) for s in range(3)]
     captions = [r["caption"] for r in Captioner(config)(images)]
     model, processor = tiny_blip2()
@@ -313,7 +313,7 @@ def test_cli_help_and_errors(tmp_path):
     ):
         assert flag in help_.stdout
     assert "merge" in cli("--help").stdout
-    bad = cli("build", "--config", "configs/shards_tiny.yaml", "--in", str(tmp_path / "nope"), "--out", str(tmp_path))
+    bad = cli("build", "--config", "configs/shards/tiny.yaml", "--in", str(tmp_path / "nope"), "--out", str(tmp_path))
     assert bad.returncode == 2 and "not a folder" in bad.stderr
     missing = cli("merge", str(tmp_path))
     assert missing.returncode == 2 and "no part indexes" in missing.stderr

@@ -34,7 +34,7 @@ def shards(tmp_path_factory) -> Path:
         for j in range(2):
             photo = synthetic_photo(200, 240, 100 * i + j, figures=1)
             (tmp / "in" / name / f"{j}.jpg").write_bytes(jpeg_bytes(photo))
-    config = BuildConfig.from_yaml(ROOT / "configs" / "shards_tiny.yaml").replace(
+    config = BuildConfig.from_yaml(ROOT / "configs" / "shards" / "tiny.yaml").replace(
         workers=0, identities__min_photos=1, pose__max_persons=10, pose__min_body_keypoints=0
     )
     build(config, tmp / "in", tmp / "out")
@@ -83,9 +83,9 @@ def test_folder_dataset_skips_what_it_cannot_use(photos):
 
 
 def test_prompt_list_has_distinct_scenes_and_outfits():
-    prompts = load_prompts(ROOT / "configs" / "prompts.yaml")
+    prompts = load_prompts(ROOT / "configs" / "eval" / "prompts.yaml")
     assert len(prompts) >= 12 and len(set(prompts)) == len(prompts)
-    assert load_prompts(ROOT / "configs" / "prompts.yaml", max_prompts=3) == prompts[:3]
+    assert load_prompts(ROOT / "configs" / "eval" / "prompts.yaml", max_prompts=3) == prompts[:3]
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         load_prompts(["a person", ""])
 
@@ -93,7 +93,7 @@ def test_prompt_list_has_distinct_scenes_and_outfits():
 # ------------------------------------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("name", ["eval.yaml", "eval_tiny.yaml"])
+@pytest.mark.parametrize("name", ["eval/real.yaml", "eval/tiny.yaml"])
 def test_eval_configs_parse(name):
     cfg = EvalConfig.from_yaml(ROOT / "configs" / name)
     assert len(cfg.datasets) == 2 and cfg.prompts
@@ -178,7 +178,7 @@ def run(shards, photos, tmp_path_factory):
     config = {
         "components": "tiny",
         "out": str(tmp / "out"),
-        "prompts": str(ROOT / "configs" / "prompts.yaml"),
+        "prompts": str(ROOT / "configs" / "eval" / "prompts.yaml"),
         "max_prompts": 2,
         "images_per_prompt": 2,
         "batch_size": 2,

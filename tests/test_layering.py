@@ -56,9 +56,7 @@ def files_of(package: str) -> list[Path]:
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_no_import_reaches_up(package):
-    wrong = {
-        str(path.relative_to(ROOT)): sorted(imports_of(path) & FORBIDDEN[package]) for path in files_of(package)
-    }
+    wrong = {str(path.relative_to(ROOT)): sorted(imports_of(path) & FORBIDDEN[package]) for path in files_of(package)}
     assert not {k: v for k, v in wrong.items() if v}, f"{package} must not import {sorted(FORBIDDEN[package])}"
 
 
@@ -99,7 +97,7 @@ print(len(names))
 """
 
 
-@pytest.mark.parametrize("package", ["crawler", "bolid", "datapipe"])
+@pytest.mark.parametrize("package", ["crawler", pytest.param("bolid", marks=pytest.mark.slow), "datapipe"])
 def test_every_module_imports_with_the_packages_above_blocked(package):
     blocked = FORBIDDEN[package] | (LIGHTNING if package != "bolid" else set())
     code = BLOCKED_IMPORT

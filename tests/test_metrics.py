@@ -242,6 +242,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, kps: torch.Tensor, r
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_real_ddp_sync_equals_single_pass(clip, annotated, tmp_path):
     """Two gloo processes, each with half of the data: the synced result is the single-process one."""
     import torch.multiprocessing as mp

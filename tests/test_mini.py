@@ -82,7 +82,7 @@ def test_mini_clip_matches_renders_to_their_captions():
 
 @pytest.fixture(scope="module")
 def mini_shards(tmp_path_factory) -> Path:
-    """The real datapipe with configs/mini/shards.yaml on a 20-person world."""
+    """The real datapipe with configs/shards/mini.yaml on a 20-person world."""
     from datapipe.__main__ import main as datapipe_main
     from demo.mini import write_config
 

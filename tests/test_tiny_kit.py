@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bolid import tiny
+from bolid.kits import tiny
 
 
 def _image(seed=0, size=(96, 128)):

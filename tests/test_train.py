@@ -107,6 +107,7 @@ def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):
         assert any(p.grad.abs().sum() > 0 for p in grads), name
 
 
+@pytest.mark.slow
 def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_shards):
     module = _module(stage=1, w_id=0.0, w_clip=0.0, drop_text=0, drop_face=0, drop_body=0, drop_all=0)
     batch = _batch(tiny_shards)
@@ -191,7 +192,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path)
 def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     from bolid.train.cli import main
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "fit" / "tiny.yaml").read_text())
     config["trainer"]["max_steps"] = 4
     config["trainer"]["val_check_interval"] = 2
     config["trainer"]["enable_progress_bar"] = False
@@ -232,12 +233,13 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     assert any(not torch.equal(e[k], a[k]) for k in a)  # EMA weights differ from the raw ones
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "bolid", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, "-m", "bolid", "fit", "--config", str(ROOT / "configs" / "fit" / "tiny.yaml"),
            "--data.shards", str(tiny_shards), "--data.resampled", "true", "--data.epoch_pairs", "4",
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "3",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "null",

@@ -1,4 +1,4 @@
-"""``bolid eval``: the paper's comparison table and figure from one YAML config (see configs/eval.yaml).
+"""``bolid eval``: the paper's comparison table and figure from one YAML config (see configs/eval/real.yaml).
 
 The config names the datasets (test identities of shard sets, or ``<identity>/<image>`` folders), the
 prompt list, the models and the run settings; this module turns it into :class:`bolid.evaluate.Variant`s
@@ -287,7 +287,7 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="eval YAML (configs/eval.yaml, configs/eval_tiny.yaml)")
+    parser.add_argument("--config", required=True, help="eval YAML (configs/eval/real.yaml, configs/eval/tiny.yaml)")
     parser.add_argument("--out", help="output folder (overrides the config's 'out')")
     parser.add_argument("--device", help="torch device (overrides the config's 'device')")
     parser.add_argument("--images-per-prompt", type=int, help="K (overrides 'images_per_prompt')")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bolid.components import KITS
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,12 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (only used with CFG)")
     parser.add_argument("-o", "--out", default="outputs/generate", help="output folder (created)")
-    parser.add_argument(
-        "--components", choices=["real", "tiny", "mini"], default="real", help="real weights, tiny or mini kit"
-    )
-    parser.add_argument(
-        "--adapter", default=None, help="adapter folder (adapter.json + weights; mini: the committed one)"
-    )
+    parser.add_argument("--components", choices=KITS, default="real", help="components kit: real weights, tiny, ...")
+    parser.add_argument("--adapter", default=None, help="adapter folder (adapter.safetensors + adapter.json)")
     parser.add_argument(
         "--no-lightning", dest="lightning", action="store_false", help="use the SDXL base UNet instead of Lightning"
     )

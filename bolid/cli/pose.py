@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from bolid.components import KITS
 from bolid.images import ImageError
 from bolid.pose import build_extractor
 
@@ -14,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--backend", choices=["vitpose", "blazepose"], default="vitpose", help="pose model")
     parser.add_argument(
-        "--components", choices=["real", "tiny", "mini"], default="real", help="real weights, the tiny or the mini kit"
+        "--components", choices=KITS, default="real", help="components kit: real weights, the tiny random-init kit, ..."
     )
     parser.add_argument("--device", default="cpu", help="torch device for the vitpose backend")
     parser.add_argument("--threshold", type=float, default=0.5, help="person detection threshold (vitpose)")

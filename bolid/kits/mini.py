@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bolid import tiny
+from bolid.kits import tiny
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "mini" / "weights"
 
@@ -36,7 +36,8 @@ def weights_dir() -> Path:
 
 
 MINI_SEED = 0
-EVA_NAME = "BoLID-mini-EVA02"  # the tiny kit's open_clip architecture, trained weights
+EVA_CLIP_NAME = "BoLID-mini-EVA02"  # the tiny kit's open_clip architecture with trained weights
+EVA_NAME = EVA_CLIP_NAME
 
 
 def weights_file(name: str) -> Path:
@@ -61,7 +62,7 @@ def _load(module: torch.nn.Module, name: str, trained: bool) -> torch.nn.Module:
     return module.eval()
 
 
-def vae(trained: bool = True):
+def build_vae(trained: bool = True):
     """4x ``AutoencoderKL``: 64x64x3 <-> 16x16x4."""
     from diffusers import AutoencoderKL
 
@@ -87,7 +88,7 @@ def vae(trained: bool = True):
     return _load(model, "vae", trained)
 
 
-def unet(trained: bool = True):
+def build_unet(trained: bool = True):
     """SDXL-shaped ``UNet2DConditionModel`` (text_time addition embeddings) on 16x16 latents."""
     from diffusers import UNet2DConditionModel
 
@@ -115,14 +116,29 @@ def unet(trained: bool = True):
 def sdxl_components(trained: bool = True) -> dict:
     """UNet, VAE, the tiny kit's frozen text encoders and tokenizers, scheduler: ``StableDiffusionXLPipeline(**c)``."""
     parts = tiny.tiny_sdxl_components()
-    parts["unet"] = unet(trained)
-    parts["vae"] = vae(trained)
+    parts["unet"] = build_unet(trained)
+    parts["vae"] = build_vae(trained)
     return parts
 
 
-def lightning_unet(base_unet):
-    """The few-step stand-in for SDXL-Lightning: the base UNet itself (sampled with few trailing steps)."""
+# ------------------------------------------------------------------ builders (contract: bolid.kits docstring)
+
+
+def sdxl(source: str | None = None, torch_dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
+    """The trained mini SDXL (``source``, ``torch_dtype`` and ``variant`` are ignored: float32)."""
+    return sdxl_components(trained=True)
+
+
+def sdxl_lightning_unet(source: str | None = None, *, base_unet):
+    """The few-step stand-in for SDXL-Lightning: the base UNet itself, sampled with few trailing-Euler steps."""
     return base_unet
+
+
+def person_detector(source: str | None = None):
+    """One person per render: a full-frame "detector" (:class:`bolid.mini.pose.FullFrameDetector`)."""
+    from bolid.mini.pose import FullFrameDetector, FullFrameDetectorProcessor
+
+    return FullFrameDetector(), FullFrameDetectorProcessor()
 
 
 def _vitpose_config(kind: str):
@@ -142,7 +158,7 @@ def _vitpose_config(kind: str):
     return VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4, num_labels=17)
 
 
-def vitpose(trained: bool = True, kind: str = "train"):
+def build_vitpose(trained: bool = True, kind: str = "train"):
     """``VitPoseForPoseEstimation`` + ``VitPoseImageProcessor`` (64x64 full-frame input).
 
     Args:
@@ -159,12 +175,18 @@ def vitpose(trained: bool = True, kind: str = "train"):
     return _load(model, f"vitpose_{kind}", trained), processor
 
 
-def pose_extractor(kind: str = "train", **kwargs):
-    """A :class:`bolid.mini.pose.FullFramePoseExtractor` over :func:`vitpose` of ``kind``."""
-    from bolid.mini.pose import FullFramePoseExtractor
+def vitpose(source: str | None = None):
+    """The trained keypoint model of the datapipe, the pipeline and the ID loss."""
+    return build_vitpose(True, "train")
 
-    model, processor = vitpose(True, kind)
-    return FullFramePoseExtractor(model, processor, **kwargs)
+
+def pose_extractor(kind: str = "train", **kwargs):
+    """A :class:`bolid.pose.VitPoseExtractor`: the full-frame detector + the trained ViTPose of ``kind``
+    (``"eval"``: Body Sim's model)."""
+    from bolid.pose import VitPoseExtractor
+
+    kwargs.setdefault("threshold", 0.5)  # the full-frame detector scores 1
+    return VitPoseExtractor(*person_detector(), *build_vitpose(True, kind), **kwargs)
 
 
 def body_stats() -> tuple[list[float], list[float]]:
@@ -182,13 +204,22 @@ def body_stats() -> tuple[list[float], list[float]]:
     return d["mean"], d["std"]
 
 
-def eva_clip(trained: bool = True):
+def build_eva_clip(trained: bool = True):
     """open_clip EVA02 (the tiny kit's architecture, 32 px) trained on render/caption pairs."""
     model, preprocess, tokenizer = tiny.tiny_eva_clip()
     return _load(model, "eva_clip", trained), preprocess, tokenizer
 
 
-def clip(trained: bool = True):
+def eva_clip(source: str | None = None, pretrained: str | None = None):
+    model, preprocess, tokenizer = build_eva_clip(True)
+    return model, preprocess, tokenizer, EVA_CLIP_NAME
+
+
+def build_clip(trained: bool = True):
     """transformers ``CLIPModel`` (the tiny kit's architecture, 32 px) trained on render/caption pairs."""
     model, processor = tiny.tiny_clip()
     return _load(model, "clip", trained), processor
+
+
+def clip(source: str | None = None):
+    return build_clip(True)

@@ -40,7 +40,7 @@ from bolid.mini.world import read_labels, write_world
 log = logging.getLogger(__name__)
 
 #: name -> default steps (batch 8 to 64): about 12 CPU-minutes in all.
-#: keypoint confidence that counts as visible for Body Sim (configs/mini/eval.yaml metrics.body_min_score).
+#: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
 BODY_MIN_SCORE = 0.05
 STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 1000, "unet": 800}
 
@@ -49,6 +49,7 @@ class World:
     """A rendered world in memory: images ``(N, 3, 64, 64)`` in [-1, 1], labels, keypoints ``(N, 17, 3)``."""
 
     def __init__(self, root: Path):
+        self.root = root
         self.labels = read_labels(root)
         ims = [np.asarray(Image.open(root / r["photo"]).convert("RGB")) for r in self.labels]
         self.pixels = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -128,7 +129,7 @@ def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_vitpose(world: World, kind: str, steps: int, work: Path, batch: int = 32):
-    model, processor = mini.vitpose(trained=False, kind=kind)
+    model, processor = mini.build_vitpose(trained=False, kind=kind)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -171,7 +172,7 @@ def _crop_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_clip(world: World, steps: int, work: Path, batch: int = 64):
-    model, processor = mini.clip(trained=False)
+    model, processor = mini.build_clip(trained=False)
     ip = processor.image_processor
     size = ip.crop_size["height"]
 
@@ -189,7 +190,7 @@ def train_clip(world: World, steps: int, work: Path, batch: int = 64):
 def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
     import open_clip
 
-    model, _, tokenizer = mini.eva_clip(trained=False)
+    model, _, tokenizer = mini.build_eva_clip(trained=False)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     loss_fn = open_clip.ClipLoss()
@@ -208,7 +209,7 @@ def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
 
 
 def train_vae(world: World, steps: int, work: Path, batch: int = 8):
-    model = mini.vae(trained=False)
+    model = mini.build_vae(trained=False)
 
     def step(gen):
         x = world.pixels[world.batch(gen, batch)]
@@ -243,7 +244,7 @@ def _text_embeddings(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_text: float = 0.1):
     from diffusers import DDPMScheduler
 
-    model = mini.unet(trained=False)
+    model = mini.build_unet(trained=False)
     scheduler = DDPMScheduler.from_config(mini.sdxl_components(trained=False)["scheduler"].config)
     with torch.no_grad():
         mean = torch.cat([vae.encode(world.pixels[i : i + 256]).latent_dist.mean for i in range(0, len(world), 256)])
@@ -276,10 +277,10 @@ def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_
 
 def write_body_stats(world: World, out: Path) -> None:
     """``<out>/body_stats.json``: proportion mean/std read by the evaluation keypoint model on ``world``."""
-    from bolid.metrics import proportion_stats
+    from bolid.metrics import keypoints_of, proportion_stats
 
     extractor = mini.pose_extractor("eval")
-    kps = torch.cat([extractor.keypoints(world.pixels[i : i + 256]) for i in range(0, len(world), 256)])
+    kps = keypoints_of(extractor, [Image.open(world.root / r["photo"]).convert("RGB") for r in world.labels])
     exact_mean, exact_std = proportion_stats(world.keypoints, min_score=BODY_MIN_SCORE)
     d = {"exact_mean": exact_mean.tolist(), "exact_std": exact_std.tolist(), "source": "evaluation keypoint model"}
     try:
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "vae":
             model, meta = train_vae(w, steps[name], work)
         else:
-            model = train_unet(w, mini.vae(trained=True), steps[name], work)
+            model = train_unet(w, mini.build_vae(trained=True), steps[name], work)
         _save(model, out, name, meta)
         print(f"{name}: wrote {out / f'{name}.safetensors'}")
     if (out / "vitpose_eval.safetensors").exists():

@@ -1,6 +1,6 @@
 """``bolid fit|validate|test``: LightningCLI over :class:`BoLIDTrainingModule` and :class:`PairDataModule`.
 
-Configs live in ``configs/`` (``tiny.yaml`` for a CPU smoke run, ``stage1.yaml`` / ``stage2.yaml`` for
+Configs live in ``configs/fit/`` (``tiny.yaml`` for a CPU smoke run, ``stage1.yaml`` / ``stage2.yaml`` for
 real training); every typed ``__init__`` argument is a config key and a ``--model.*`` / ``--data.*`` flag.
 """
 

@@ -19,7 +19,7 @@ model): (1) ``L_diff`` stays on in every step, so a degraded generator is still 
 photos; (2) the ID terms compare *pose-invariant proportions* by default, which a blur cannot fake
 (blurred keypoints lose confidence and are masked out, and the mask is detached); (3) the ID branch
 runs only every ``id_every_n_steps`` steps and only after ``id_start_step``, once the adapter gives
-useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/stage2.yaml`` keep the ID
+useful tokens; (4) defaults ``w_id = 0.3``, ``w_clip = 0.1`` in ``configs/fit/stage2.yaml`` keep the ID
 terms below the diffusion loss, as PuLID weights its alignment losses; (5) evaluation measures Body
 Sim with a *different* pose model (BlazePose).
 
@@ -152,50 +152,24 @@ class BoLIDTrainingModule(L.LightningModule):
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
         from bolid import components as comp
-        from bolid import tiny
 
         hp = self.hparams
-        tiny_kit = self.cfg.tiny
-        if tiny_kit:
-            parts = tiny.tiny_sdxl_components()
-            eva, _, eva_tok = tiny.tiny_eva_clip()
-            eva_name = tiny.TINY_EVA_CLIP
-        elif self.cfg.mini:
-            from bolid.kits import mini
-
-            parts = mini.sdxl_components()
-            eva, _, eva_tok = mini.eva_clip()
-            eva_name = mini.EVA_NAME
-        else:
-            parts = dict(comp.load_sdxl(self.cfg.source("sdxl")).components)
-            eva, _, eva_tok = comp.load_eva_clip(self.cfg.source("eva_clip"))
-            eva_name = self.cfg.source("eva_clip") or comp.COMPONENTS["eva_clip"].default
-        self.unet = parts["unet"]
-        self.vae = parts["vae"]
-        self.text_encoder = parts["text_encoder"]
-        self.text_encoder_2 = parts["text_encoder_2"]
-        self._prompt_pipe = StableDiffusionXLPipeline(**{**parts, "image_encoder": None, "feature_extractor": None})
-        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-        self.lightning_unet = None
+        parts = comp.build_parts(self.cfg, lightning=hp.stage == 2 or bool(hp.sample_every_n_steps))
+        eva, _, eva_tok, eva_name = parts.eva_clip
+        self.unet = parts.sdxl["unet"]
+        self.vae = parts.sdxl["vae"]
+        self.text_encoder = parts.sdxl["text_encoder"]
+        self.text_encoder_2 = parts.sdxl["text_encoder_2"]
+        self._prompt_pipe = StableDiffusionXLPipeline(
+            **{**parts.sdxl, "image_encoder": None, "feature_extractor": None}
+        )
+        self.noise_scheduler = DDPMScheduler.from_config(parts.sdxl["scheduler"].config)
+        self.lightning_unet = parts.lightning_unet
         self.pose = None
         self.clip_loss = None
-        if hp.stage == 2 or hp.sample_every_n_steps:
-            if tiny_kit:
-                self.lightning_unet = tiny.tiny_lightning_unet(self.unet)
-            elif self.cfg.mini:
-                self.lightning_unet = None  # the mini kit samples its one UNet with few steps
-            elif hp.stage == 2:
-                self.lightning_unet = comp.load_lightning_unet(self.unet, self.cfg.source("sdxl_lightning_unet"))
-        self.sample_scheduler = comp.lightning_scheduler(parts["scheduler"])
+        self.sample_scheduler = comp.lightning_scheduler(parts.sdxl["scheduler"])
         if hp.stage == 2:
-            if tiny_kit:
-                pose_model, pose_proc = tiny.tiny_vitpose()
-            elif self.cfg.mini:
-                from bolid.kits import mini
-
-                pose_model, pose_proc = mini.vitpose()
-            else:
-                pose_model, pose_proc = comp.load_vitpose(self.cfg.source("vitpose"))
+            pose_model, pose_proc = comp.load("vitpose", self.cfg)
             self.pose = DifferentiablePose(pose_model, pose_proc)
         image_encoder = ClipImageEncoder(eva, eva_name)
         if hp.stage == 2:

@@ -1,7 +1,7 @@
 """The tiny kit: small random-init versions of every pretrained component, built in-process.
 
 Tests, the demo and the benchmarks run on these. Each builder uses the *same classes* as
-the real component in :mod:`bolid.components` (diffusers' ``UNet2DConditionModel`` and
+the real component in :mod:`bolid.kits.real` (diffusers' ``UNet2DConditionModel`` and
 ``StableDiffusionXLPipeline``, transformers' RT-DETR / ViTPose / BLIP-2 / CLIP, open_clip's
 EVA-CLIP on timm's ``Eva``), only with small configs, so code that works on the kit works on
 real weights. Every builder is seeded and deterministic and takes well under a second or
@@ -435,3 +435,39 @@ def save_tiny_clip(path: str | Path, seed: int = TINY_SEED) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------ the kit's builders (contract: bolid.kits)
+
+#: The name adapters record for this kit's EVA-CLIP (:func:`bolid.components.image_encoder_kit`).
+EVA_CLIP_NAME = TINY_EVA_CLIP
+
+
+def sdxl(source: str | None = None, torch_dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
+    """:func:`tiny_sdxl_components` (float32; ``source``, ``torch_dtype`` and ``variant`` are ignored)."""
+    return tiny_sdxl_components()
+
+
+def sdxl_lightning_unet(source: str | None = None, *, base_unet):
+    return tiny_lightning_unet(base_unet)
+
+
+def person_detector(source: str | None = None):
+    return tiny_person_detector()
+
+
+def vitpose(source: str | None = None):
+    return tiny_vitpose()
+
+
+def blip2(source: str | None = None, torch_dtype: torch.dtype | None = None):
+    return tiny_blip2()
+
+
+def eva_clip(source: str | None = None, pretrained: str | None = None):
+    model, preprocess, tokenizer = tiny_eva_clip()
+    return model, preprocess, tokenizer, EVA_CLIP_NAME
+
+
+def clip(source: str | None = None):
+    return tiny_clip()
