@@ -63,7 +63,7 @@ def test_mini_keypoint_models_read_the_renders(tmp_path):
         assert all(len(p) == 1 for p in persons), kind
         found = torch.tensor(np.stack([p[0].keypoints for p in persons]))
         err = (found[:, 5:, :2] - exact[:, 5:, :2]).norm(dim=-1).median()
-        assert err < 3.0, (kind, float(err))  # pixels of a 64 px image
+        assert err < 5.0, (kind, float(err))  # pixels of a 64 px image; random weights: > 15
 
 
 def test_mini_clip_matches_renders_to_their_captions():

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 #: name -> default steps (batch 8 to 64): about 12 CPU-minutes in all.
 #: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
 BODY_MIN_SCORE = 0.05
-STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 1000, "unet": 800}
+STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 800, "unet": 500}
 
 
 class World:
