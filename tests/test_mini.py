@@ -94,8 +94,8 @@ def mini_shards(tmp_path_factory) -> Path:
 
 
 def test_datamodule_pairs_never_cross_identities_or_splits(mini_shards):
+    from bolid.shards import read_index
     from bolid.train.datamodule import PairDataModule
-    from datapipe.shards import read_index
 
     index = read_index(mini_shards)
     train_ids = set(index.identities_in("train"))
@@ -117,8 +117,12 @@ def test_datamodule_pairs_never_cross_identities_or_splits(mini_shards):
 
 PROMPT = "a photo of a person in a studio, wearing a white shirt and black trousers"
 HELD_OUT_SEED = 9  # a world none of the mini components nor the committed adapter has seen
-SWAP_MARGIN = 0.0  # set from measurements below
-IDENTITY_GAIN = 0.0
+SWAP_MARGIN = 0.1  # Body Sim margin the learned identity must clear (noise of 6 pairs x 4 images: ~0.08)
+IDENTITY_GAIN = 0.1
+#: The committed weights do not learn body identity yet (docs/mini/README.md): a 500-step UNet draws scenes,
+#: not people, and the 800-step keypoint models separate people no better than chance (AUC 0.54 / 0.48).
+#: strict: once longer training makes these pass, the marker must go.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="BoLID-mini weights undertrained (docs/mini/README.md)")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +161,7 @@ def _generate(pipe, reference=None, seed: int = 0, **kw):
                 guidance_scale=3.0, **kw).images  # fmt: skip
 
 
+@UNDERTRAINED
 @pytest.mark.slow
 def test_swapping_the_reference_moves_the_body_toward_the_new_person(mini_pipe, body_sim):
     """Conditioning on A's photo must make bodies closer to A than to B, and B's photo closer to B:
@@ -173,6 +178,7 @@ def test_swapping_the_reference_moves_the_body_toward_the_new_person(mini_pipe, 
     assert np.mean(margins) > SWAP_MARGIN, margins
 
 
+@UNDERTRAINED
 @pytest.mark.slow
 def test_bodies_follow_the_reference_only_with_the_identity_on(mini_pipe, body_sim):
     """Replaces the fixed-noise overfit test: with the trained adapter on, generated bodies are closer to
