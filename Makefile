@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format demo mini crawl shards train eval bench
+.PHONY: help setup test lint format demo mini crawl shards train eval bench app browser
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,15 @@ demo:  ## the whole system offline on the tiny kit: demo site -> crawl -> shards
 mini:  ## BoLID-mini: render a world, shards, stage 1/2 + ablation, eval -> docs/mini (MINI_ARGS=--quick, resumable)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m demo.mini $(MINI_ARGS)
+
+app:  ## the generation web page on http://127.0.0.1:7860 (tiny kit, BlazePose; APP_ARGS=--components real ...)
+	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
+	$(PY) -m bolid app $(or $(APP_ARGS),--components tiny --pose blazepose)
+
+browser:  ## install Debian's headless Chromium for the browser test (needs root or sudo; skipped if present)
+	@command -v chromium >/dev/null 2>&1 && echo "browser: $$(chromium --version 2>/dev/null || echo chromium) present" || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 test:  ## run the test suite (CPU only, tiny kit, offline)
 	$(PY) -m pytest -q -m "not gpu"

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pose": ("bolid.cli.pose", "extract persons and 17 COCO keypoints from images (JSON lines)"),
     "generate": ("bolid.cli.generate", "generate images of the person in reference photo(s) from a prompt"),
     "export": ("bolid.cli.export", "turn a training checkpoint into an adapter folder + stock-diffusers files"),
+    "app": ("bolid.cli.app", "the generation web page (Gradio): references, keypoints, sliders, Body Sim"),
     "eval": ("bolid.cli.eval", "the comparison table (Body Sim, CLIP-T, CLIP-I) and figure from an eval config"),
 }
 # name -> (module with a `main(argv)` function, one-line help): commands with their own parser.

@@ -38,12 +38,17 @@ __all__ = [
     "ComponentSpec",
     "MissingWeightsError",
     "Parts",
+    "DTYPES",
     "build_parts",
+    "load_unet",
     "image_encoder_kit",
     "kit_module",
     "load",
     "resolve",
 ]
+
+#: Config names of the dtypes frozen weights may be cast to (``model.frozen_dtype``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The kits :func:`load` knows, each a module ``bolid.kits.<kit>`` with the builders of :mod:`bolid.kits`.
 KITS = ("real", "tiny", "random", "mini")
@@ -84,6 +89,14 @@ COMPONENTS: dict[str, ComponentSpec] = {
             "SDXL-Lightning distilled UNet (epsilon prediction, trailing Euler)",
             "the file sdxl_lightning_4step_unet.safetensors, or a folder holding it",
             filename="sdxl_lightning_4step_unet.safetensors",
+        ),
+        ComponentSpec(
+            "sdxl_lightning_lora",
+            "ByteDance/SDXL-Lightning",
+            "diffusers",
+            "SDXL-Lightning as a LoRA on the SDXL base UNet (training: one resident UNet instead of two)",
+            "the file sdxl_lightning_4step_lora.safetensors, or a folder holding it",
+            filename="sdxl_lightning_4step_lora.safetensors",
         ),
         ComponentSpec(
             "person_detector",
@@ -294,12 +307,12 @@ def load(name: str, kit: Any = "real", source: str | None = None, **kwargs):
     """Component ``name`` from ``kit``: ``kit.<name>(source, **kwargs)`` (builder contract: :mod:`bolid.kits`).
 
     Args:
-        name: a key of :data:`COMPONENTS` (``sdxl``, ``sdxl_lightning_unet``, ``person_detector``, ``vitpose``,
-            ``blip2``, ``eva_clip``, ``clip``).
+        name: a key of :data:`COMPONENTS` (``sdxl``, ``sdxl_lightning_unet``, ``sdxl_lightning_lora``,
+            ``person_detector``, ``vitpose``, ``blip2``, ``eva_clip``, ``clip``).
         kit: a kit name (:data:`KITS`), a kit module, or a :class:`bolid.config.ComponentsConfig` (its ``kind``,
             and its override for ``name`` when ``source`` is not given).
         source: hub id or local path for kits that load weights; kits built in-process ignore it.
-        kwargs: the builder's own options (``torch_dtype``, ``base_unet``, ``pretrained``).
+        kwargs: the builder's own options (``torch_dtype``, ``base_unet``, ``unet``, ``pretrained``).
 
     Raises:
         ValueError: an unknown component or kit, or a kit without a builder for ``name``.
@@ -327,6 +340,18 @@ def image_encoder_kit(name: str) -> str:
         if getattr(module, "EVA_CLIP_NAME", None) == name:
             return kit
     return "real"
+
+
+def load_unet(kit: Any, torch_dtype: torch.dtype = torch.float32):
+    """Only the SDXL base UNet (for what needs its shape and weights alone, e.g. ``bolid export``): the kit's
+    optional ``sdxl_unet(source, torch_dtype)`` builder, else the ``unet`` of its ``sdxl`` builder."""
+    source = None
+    if hasattr(kit, "kind") and hasattr(kit, "source"):  # a ComponentsConfig
+        source, kit = kit.source("sdxl"), kit.kind
+    module = kit_module(kit)
+    if callable(getattr(module, "sdxl_unet", None)):
+        return module.sdxl_unet(source, torch_dtype=torch_dtype)
+    return load("sdxl", module, source, torch_dtype=torch_dtype)["unet"]
 
 
 @dataclass

@@ -15,7 +15,8 @@ images (``images_per_prompt``) with seeds ``seed + k``, k = 0..K-1, in batches o
 does not depend on the batch it was made in, and every model starts from the same noise for
 the same prompt and k. A model without identity input (the base model) makes its images once
 per (prompt, k) and they are scored against every identity. CLIP-I compares each image with
-the *no-identity* image of the same prompt and seed, made by the base model.
+the *no-identity* image of the same prompt and seed, made by the base model, or by the variant's own
+``no_identity`` model (a peer's SDXL base with the peer's steps and CFG, :mod:`bolid.peers`).
 
 **Confidence intervals.** ``mean ± half-width`` of a 95% percentile bootstrap over identities
 (a cluster bootstrap): identities are resampled with replacement ``ci_resamples`` times (seeded)
@@ -26,8 +27,8 @@ results.json hold both ends. With one identity there is no interval ("n/a").
 
 **Outputs** in ``out/``:
 
-* ``results.md``: the table as in the paper (rows: models; per dataset: Body Sim, CLIP-T,
-  CLIP-I), then the Body Sim failure rates and the run's settings;
+* ``results.md``: the table as in the paper (rows: models; per dataset: Face Sim when a face model is
+  given, Body Sim, CLIP-T, CLIP-I), then the Body Sim (and Face Sim) failure rates and the run's settings;
 * ``results.csv``: one row per (dataset, model, metric) with mean, CI ends, counts;
 * ``results.json``: the same plus the settings and failure counts by reason;
 * ``comparison.png``: reference | each model's first image, for a few identities and prompts;
@@ -52,6 +53,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bolid.face_sim import FaceSimilarity
 from bolid.images import ImageError, load_image
 from bolid.metrics import BodySimilarity, CLIPImageSimilarity, CLIPTextScore
 from bolid.results import (
@@ -86,12 +88,15 @@ class Variant:
             before the next variant is built, so only one model is in memory at a time.
         uses_identity: ``False`` for a model that ignores references (the base model).
         settings: recorded with every image (adapter file, scales, steps, ...).
+        no_identity: the model CLIP-I compares this one with (a peer's own base model, sampled with the peer's
+            steps and CFG); ``None``: :func:`evaluate`'s ``no_identity``.
     """
 
     name: str
     build: Callable[[], GenerateFn]
     uses_identity: bool = True
     settings: dict = field(default_factory=dict)
+    no_identity: Variant | None = None
 
 
 @dataclass
@@ -299,13 +304,15 @@ class _Batch:
     images: list[Image.Image]
     paths: list[str]
     keypoints: torch.Tensor | None = None
+    faces: torch.Tensor | None = None  # (K, 512) face embeddings, NaN rows where no face
 
 
 class _Run:
     """State of one :func:`evaluate` call: output folder, seeds, metrics, manifest."""
 
-    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, body_stats=None):
+    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, faces=None, body_stats=None):
         self.out, self.prompts, self.s, self.clip = out, list(prompts), s, clip
+        self.face_scorer = FaceSimilarity(faces) if faces is not None else None
         self.seeds = [s.seed + k for k in range(s.images_per_prompt)]
         self.body_kwargs = {
             "min_score": s.body_min_score,
@@ -341,8 +348,11 @@ class _Run:
             path = folder / f"p{pi:02d}_k{k}.png"
             save_image(im, path, info)
             paths.append(str(path.relative_to(self.out)))
-        # Shared images are scored against every identity: run the pose model on them once.
-        return _Batch(images, paths, self.scorer.keypoints(images) if ident is None else None)
+        # Shared images are scored against every identity: run the pose and face models on them once.
+        if ident is not None:
+            return _Batch(images, paths)
+        faces = self.face_scorer.embeddings(images) if self.face_scorer is not None else None
+        return _Batch(images, paths, self.scorer.keypoints(images), faces)
 
     def shared(self, variant: Variant, fn: GenerateFn) -> list[_Batch]:
         prompts = tqdm(range(len(self.prompts)), desc=f"{variant.name} (no identity)", unit="prompt", leave=False)
@@ -356,6 +366,11 @@ class _Run:
         clip_t = CLIPTextScore(self.clip).to(self.s.device)
         clip_i = CLIPImageSimilarity(self.clip).to(self.s.device)
         ref_kps = {ident.name: self.scorer.keypoints(ident.references[:1]) for ident in ds.identities}
+        face = FaceSimilarity(self.face_scorer.faces) if self.face_scorer is not None else None
+        ref_faces = {i.name: face.embeddings(i.references[:1]) for i in ds.identities} if face is not None else {}
+        named = {"body_sim": body, "clip_t": clip_t, "clip_i": clip_i}
+        if face is not None:
+            named["face_sim"] = face
         groups: list[str] = []
         bar = tqdm(total=len(ds.identities) * len(self.prompts), desc=f"{variant.name} / {ds.name}", unit="prompt")
         for ident in ds.identities:
@@ -369,10 +384,12 @@ class _Run:
                 )
                 clip_t.update(batch.images, [prompt] * n)
                 clip_i.update(batch.images, base[pi].images)
+                if face is not None:
+                    generated = batch.images if batch.faces is None else batch.faces
+                    face.update(generated, ref_faces[ident.name].expand(n, -1))
                 groups.extend([ident.name] * n)
                 self.firsts[ds.name, variant.name, ident.name, pi] = batch.images[0]
-                scores = {"body_sim": body, "clip_t": clip_t, "clip_i": clip_i}
-                scores = {m: metric.per_sample()[n0:] for m, metric in scores.items()}
+                scores = {m: metric.per_sample()[n0:] for m, metric in named.items()}
                 for k, (seed, path) in enumerate(zip(self.seeds, batch.paths, strict=True)):
                     line = {"path": path, "model": variant.name, "dataset": ds.name, "identity": ident.name}
                     line.update(prompt_index=pi, prompt=prompt, k=k, seed=seed, settings=variant.settings)
@@ -380,13 +397,16 @@ class _Run:
                     self.manifest.write(json.dumps(line) + "\n")
         bar.close()
         metrics = {}
-        for name, metric in (("body_sim", body), ("clip_t", clip_t), ("clip_i", clip_i)):
+        for name, metric in named.items():
             mean, low, high, n = cluster_bootstrap_ci(
                 metric.per_sample().cpu(), groups, self.s.ci_resamples, self.s.seed
             )
             metrics[name] = MetricResult(mean, low, high, n, len(set(groups)))
         rate = float(body.compute()["failure_rate"])
         row = Row(ds.name, variant.name, metrics, int(body.num_pairs), rate, body.failures())
+        if face is not None:
+            row.face_pairs, row.face_failures = int(face.num_pairs), face.failures()
+            row.face_failure_rate = float(face.compute()["failure_rate"])
         log.info("%s on %s: %s", variant.name, ds.name, {m: r.cell(3) for m, r in metrics.items()})
         return row
 
@@ -401,6 +421,7 @@ def evaluate(
     settings: RunSettings | None = None,
     pose=None,
     record: dict | None = None,
+    faces=None,
     body_stats: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[Row]:
     """Generate, save and score every image, then write results.md/.csv/.json and comparison.png.
@@ -417,6 +438,8 @@ def evaluate(
         settings: see :class:`RunSettings`.
         pose: pose extractor for Body Sim (default BlazePose).
         record: extra settings for results.json and results.md (config file, components, command).
+        faces: a :class:`bolid.face_id.FaceAnalyzer` (or a callable building one) for the Face Sim column;
+            ``None``: no Face Sim.
         body_stats: ``(mean, std)`` of the 6 proportions for Body Sim's z-scores (default: the real-photo
             constants of :mod:`bolid.metrics`; the mini kit passes its world's).
 
@@ -439,20 +462,28 @@ def evaluate(
     if no_identity is None or no_identity.uses_identity:
         raise ValueError("CLIP-I needs a model without identity input (kind: base) to compare against")
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, prompts, s, clip, pose, body_stats)
+    run = _Run(out, prompts, s, clip, pose, faces, body_stats)
     rows: list[Row] = []
     try:
         log.info("generating the no-identity images (%s) for CLIP-I", no_identity.name)
         fn = no_identity.build()
-        base = run.shared(no_identity, fn)
+        bases = {no_identity.name: run.shared(no_identity, fn)}  # CLIP-I references by model name
         for variant in variants:
+            ref = variant.no_identity or no_identity
+            if ref.name not in bases:  # a peer's own base model: made once, before the peer is loaded
+                fn = None
+                _release()
+                log.info("generating the no-identity images (%s) for CLIP-I of %s", ref.name, variant.name)
+                bases[ref.name] = run.shared(ref, ref.build())
             if variant is not no_identity:
                 fn = None
                 _release()
                 log.info("model %s: loading", variant.name)
                 fn = variant.build()
-            shared = base if variant is no_identity else None if variant.uses_identity else run.shared(variant, fn)
-            rows += [run.score(variant, fn, ds, base, shared) for ds in datasets]
+            shared = bases.get(variant.name) if not variant.uses_identity else None
+            if shared is None and not variant.uses_identity:
+                shared = run.shared(variant, fn)
+            rows += [run.score(variant, fn, ds, bases[ref.name], shared) for ds in datasets]
         fn = None
         _release()
     finally:
@@ -461,6 +492,9 @@ def evaluate(
     record["datasets"] = {d.name: [i.name for i in d.identities] for d in datasets}
     record["models"] = {v.name: v.settings for v in variants}
     record["no_identity_model"] = no_identity.name
+    record["clip_i_reference"] = {v.name: (v.no_identity or no_identity).name for v in variants}
+    if run.face_scorer is not None:
+        record["face_sim_model"] = run.face_scorer.faces.settings
     write_results(rows, out, [v.name for v in variants], [d.name for d in datasets], record)
     grid = []
     for ds in datasets:

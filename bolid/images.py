@@ -9,17 +9,32 @@ can count and skip it instead of crashing mid-run.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-#: Refuse images with more pixels than this (decompression bombs); ~ 16k x 16k.
-MAX_IMAGE_PIXELS = 256_000_000
+#: Refuse images with more pixels than this (decompression bombs), from the header, before any decode: 50 MP
+#: (e.g. 8660 x 5773). The crawler (``max_image_pixels``) and the datapipe (``ingest.max_pixels``) default to it.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
     """An input that is not a usable image; the message names the input."""
+
+
+class ImageTooLarge(ImageError):
+    """An image whose header declares more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def limit_pillow(max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Set Pillow's own bomb guard to ``max_pixels`` for this process.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` and refuses to open above twice that; its default (~89 MP)
+    would let an image between the cap and 179 MP decode in full if a caller skipped the header check.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _name(src) -> str:
@@ -59,19 +74,29 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     return (img.height, img.width) if _transposed(img) else img.size
 
 
-def image_size(src: str | Path | bytes) -> tuple[int, int]:
+def image_size(src: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """``(width, height)`` from the header alone (no pixel decode), after EXIF orientation.
 
+    Args:
+        src: a path or encoded bytes.
+        max_pixels: raise :class:`ImageTooLarge` when the header declares more pixels (None: no cap).
+
     Raises:
+        ImageTooLarge: more than ``max_pixels`` pixels, or more than Pillow agrees to open.
         ImageError: the header cannot be read.
     """
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
-            return upright_size(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+                width, height = upright_size(img)
     except Image.DecompressionBombError as e:  # Pillow refuses to even open it: far too many pixels
-        raise ImageError(f"{_name(src)}: too many pixels ({e})") from None
+        raise ImageTooLarge(f"{_name(src)}: too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{_name(src)}: not a readable image ({e})") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{_name(src)}: {width}x{height} exceeds {max_pixels} pixels")
+    return width, height
 
 
 def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -91,7 +116,7 @@ def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | N
         else:
             img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
         if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-            raise ImageError(f"{_name(src)}: {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_PIXELS} pixels")
+            raise ImageTooLarge(f"{_name(src)}: {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_PIXELS} pixels")
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", (draft[1], draft[0]) if _transposed(img) else draft)
         img.load()  # full decode: raises on truncated data
@@ -99,5 +124,7 @@ def load_image(src: str | Path | bytes | Image.Image, draft: tuple[int, int] | N
         return to_rgb(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{_name(src)}: too many pixels ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{_name(src)}: not a readable image ({type(e).__name__}: {e})") from None

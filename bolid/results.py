@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-METRICS = ("body_sim", "clip_t", "clip_i")
-METRIC_TITLES = {"body_sim": "Body Sim", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
+METRICS = ("face_sim", "body_sim", "clip_t", "clip_i")  # table order; Face Sim only when a face model is given
+METRIC_TITLES = {"face_sim": "Face Sim", "body_sim": "Body Sim", "clip_t": "CLIP-T", "clip_i": "CLIP-I"}
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Row:
     pairs: int
     failure_rate: float
     failures: dict[str, int]
+    face_pairs: int = 0
+    face_failure_rate: float = math.nan
+    face_failures: dict[str, int] | None = None
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -164,14 +167,15 @@ def comparison_grid(
 def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], datasets: Sequence[str], record: dict) -> None:
     """results.md (the paper's table), results.csv and results.json."""
     by = {(r.dataset, r.model): r for r in rows}
-    digits = {"body_sim": 3, "clip_t": 2, "clip_i": 3}
-    head = ["Model"] + [f"{d} · {METRIC_TITLES[m]} ↑" for d in datasets for m in METRICS]
+    digits = {"face_sim": 3, "body_sim": 3, "clip_t": 2, "clip_i": 3}
+    metrics = [m for m in METRICS if any(m in r.metrics for r in rows)]
+    head = ["Model"] + [f"{d} · {METRIC_TITLES[m]} ↑" for d in datasets for m in metrics]
     lines = ["# BoLID evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in models:
         cells = [model]
         for d in datasets:
             r = by.get((d, model))
-            cells += [r.metrics[m].cell(digits[m]) if r else "" for m in METRICS]
+            cells += [r.metrics[m].cell(digits[m]) if r else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     run = record.get("run", {})
     pose = (record.get("body_sim") or {}).get("pose", "BlazePose")
@@ -180,7 +184,14 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
         f"Mean ± 95% CI half-width (percentile bootstrap over identities, {run.get('ci_resamples')} resamples). "
         f"Body Sim: cosine of standardised body proportions ({pose}), mean over images where a body was found; "
         "CLIP-T: CLIPScore (0-100) with the prompt; CLIP-I: CLIP image cosine with the no-identity image of the "
-        f"same prompt and seed (by {record.get('no_identity_model')}; 1 for that model by definition).",
+        f"same prompt and seed (by {record.get('no_identity_model')}, or by a peer's own base model: see "
+        "clip_i_reference in the settings; 1 for a base model by definition)."
+        + (
+            " Face Sim: ArcFace cosine of the largest face in the image and in the reference (InsightFace "
+            f"{record.get('face_sim_model', {}).get('pack')}), mean over images where both have a face."
+            if "face_sim" in metrics
+            else ""
+        ),
         "",
         "## Body Sim failures",
         "",
@@ -193,6 +204,20 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             f"| {r.dataset} | {r.model} | {r.pairs} | {100 * r.failure_rate:.1f}% | {f['no_body']} "
             f"| {f['no_reference_body']} | {f['too_few_features']} |"
         )
+    if "face_sim" in metrics:
+        lines += [
+            "",
+            "## Face Sim failures",
+            "",
+            "| Dataset | Model | pairs | failure rate | no face | no reference face |",
+        ]
+        lines += ["|---|---|---|---|---|---|"]
+        for r in rows:
+            f = r.face_failures or {}
+            lines.append(
+                f"| {r.dataset} | {r.model} | {r.face_pairs} | {100 * r.face_failure_rate:.1f}% "
+                f"| {f.get('no_face', 0)} | {f.get('no_reference_face', 0)} |"
+            )
     lines += ["", "## Settings", "", "```json", json.dumps(record, indent=1, default=str), "```", ""]
     (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
 
@@ -200,9 +225,9 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
         w = csv.writer(f)
         w.writerow(["dataset", "model", "metric", "mean", "ci_low", "ci_high", "n", "n_identities", "failure_rate"])
         for r in rows:
-            for m in METRICS:
+            for m in metrics:
                 x = r.metrics[m]
-                rate = f"{r.failure_rate:.6f}" if m == "body_sim" else ""
+                rate = {"body_sim": f"{r.failure_rate:.6f}", "face_sim": _fmt(r.face_failure_rate)}.get(m, "")
                 w.writerow(
                     [
                         r.dataset,
@@ -224,6 +249,15 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
                 "pairs": r.pairs,
                 "body_sim_failure_rate": r.failure_rate,
                 "body_sim_failures": r.failures,
+                **(
+                    {
+                        "face_sim_pairs": r.face_pairs,
+                        "face_sim_failure_rate": _json_num(r.face_failure_rate),
+                        "face_sim_failures": r.face_failures,
+                    }
+                    if r.face_failures is not None
+                    else {}
+                ),
                 "metrics": {m: {k: _json_num(v) for k, v in asdict(x).items()} for m, x in r.metrics.items()},
             }
             for r in rows

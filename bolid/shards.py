@@ -49,10 +49,17 @@ contiguous and lie in as few shards as possible: one shard if it has at most
 reference and a target photo of one person from a single shard. Identities of different
 splits can share a shard: select by identity with ``index.json``.
 
+**Stable shards.** A rebuild into the same OUT keeps every identity whose number of samples did
+not change in the shard (name and place) it had; new or changed identities go into new shards
+numbered after the last, and shards left empty are deleted (``datapipe.writer.plan_stable``).
+A shard whose samples did not change keeps its bytes and sha256, so synced copies stay valid;
+a build into an empty OUT packs everything afresh.
+
 **index.json**::
 
     format: "bolid-shards", format_version: 1, resolution, samples_per_shard, num_parts
-    shards:     [{name, count, bytes, identities: {identity: count}}]       in write order
+    shards:     [{name, number, count, bytes, sha256, identities: {identity: count}}]   in write order;
+                sha256 of the tar's bytes (``python -m datapipe verify OUT`` re-checks them)
     identities: {identity: {name, count, shards: [name, ...], split}}
     splits:     {train | validation | test: {identities: [...], samples, shards: [name, ...]}}
     totals:     {samples, identities, shards}

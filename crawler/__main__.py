@@ -20,7 +20,7 @@ examples:
   python -m demo.site --port 8765 &   # a local fake site, then:
   python -m crawler --base-url http://127.0.0.1:8765 --out /tmp/demo-crawl --no-polite
 
-Output (OUT): images/<identity>/<sha256>.jpg, manifest.jsonl, rejects.jsonl, persons.jsonl.
+Output (OUT): images/<identity>/<sha256>.jpg, manifest.jsonl, rejects.jsonl, persons.jsonl, failures.jsonl.
 A killed crawl resumes from OUT when started again with the same command.
 """
 
@@ -43,14 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--persons", help="comma-separated person slugs (/photos/<slug>/); default: the letter index")
     what.add_argument("--persons-file", help="file with one person slug per line (# comments allowed)")
     what.add_argument("--max-persons", type=int, help="stop discovering persons after N")
-    what.add_argument("--max-photos-per-person", type=int, help="open at most N photo pages per person")
+    what.add_argument(
+        "--max-photos-per-person", type=int, help="open at most N photo pages per person, then stop paginating"
+    )
     keep = p.add_argument_group("what to keep")
     keep.add_argument("--out", help="output folder")
     keep.add_argument("--min-size", type=int, metavar="PX", help="minimum width and height in pixels")
     keep.add_argument("--min-width", type=int, metavar="PX", help="minimum width in pixels (default 1000)")
     keep.add_argument("--min-height", type=int, metavar="PX", help="minimum height in pixels (default 1000)")
     keep.add_argument("--min-photos", type=int, help="per-person target reported in persons.jsonl (default 100)")
-    keep.add_argument("--max-image-pixels", type=int, help="reject images with more pixels (decompression bombs)")
+    keep.add_argument(
+        "--max-image-pixels", type=int, help="reject images with more pixels, from the header (default 50000000)"
+    )
     keep.add_argument("--max-response-size", type=int, metavar="BYTES", help="abort larger responses")
     polite = p.add_argument_group("politeness")
     polite.add_argument("--user-agent", help="User-Agent header (say who you are)")

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from crawler.settings import CRAWL_MAX_IMAGE_PIXELS
+
 
 @dataclass(frozen=True)
 class CrawlConfig:
@@ -30,7 +32,7 @@ class CrawlConfig:
     min_photos: int = 100
     max_persons: int | None = None
     max_photos_per_person: int | None = None
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = CRAWL_MAX_IMAGE_PIXELS
     max_response_size: int = 32 * 1024 * 1024
     max_page_size: int = 4 * 1024 * 1024
     user_agent: str = "BoLID-crawler/0.1 (research dataset crawler; obeys robots.txt; 1 request at a time)"

@@ -78,7 +78,7 @@ class BackoffRetryMiddleware(RetryMiddleware):
 
     def backoff(self, retry_times: int, retry_after: bytes | None = None) -> float:
         """Seconds to wait before retry number ``retry_times`` (1-based)."""
-        delay = min(self.backoff_base * 2 ** (retry_times - 1), self.backoff_max)
+        delay = backoff_seconds(retry_times, self.backoff_base, self.backoff_max)
         if retry_after:  # the server's own Retry-After wins when longer (bounded to an hour against nonsense dates)
             delay = max(delay, min(_parse_retry_after(retry_after.decode("latin-1")), RETRY_AFTER_MAX))
         return delay
@@ -106,6 +106,11 @@ class BackoffRetryMiddleware(RetryMiddleware):
         if isinstance(result, Request):
             result.meta["retry_not_before"] = time.monotonic() + self.backoff(result.meta["retry_times"])
         return result
+
+
+def backoff_seconds(retry_times: int, base: float, cap: float) -> float:
+    """The wait before retry number ``retry_times`` (1-based): ``base * 2**(n-1)``, at most ``cap``."""
+    return min(base * 2 ** (retry_times - 1), cap)
 
 
 def _parse_retry_after(value: str) -> float:

@@ -106,6 +106,7 @@ class ImageCheckPipeline(_StorePipeline):
         self.min_width = min_width
         self.min_height = min_height
         self.max_pixels = max_pixels
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow itself refuses to open past 2x the cap, whoever decodes
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:

@@ -54,7 +54,8 @@ CRAWL_OUT = "data/crawl"  # output folder, layout in crawler/store.py
 CRAWL_MIN_WIDTH = 1000
 CRAWL_MIN_HEIGHT = 1000
 CRAWL_MIN_PHOTOS = 100  # target per person, reported in persons.jsonl
-CRAWL_MAX_IMAGE_PIXELS = 50_000_000  # refuse larger images from the header alone (decompression bombs)
+# refuse more pixels from the header alone: the datapipe's cap too (bolid.images.MAX_IMAGE_PIXELS; a test checks)
+CRAWL_MAX_IMAGE_PIXELS = 50_000_000
 CRAWL_MAX_PAGE_SIZE = 4 * 1024 * 1024  # byte cap for HTML pages
 CRAWL_LAYOUT_ABORT_AFTER = 20  # stop if this many pages in a row, from the start, match no selector
 CRAWL_FSYNC = True  # fsync images and journal lines (power-cut safety; kills are safe either way)

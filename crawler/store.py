@@ -8,6 +8,11 @@ Layout of OUT::
     rejects.jsonl     one line per photo not kept: identity, name, image_url, page_url, reason, detail, sha256
     persons.jsonl     one line per person seen: identity, name, url, photos (kept), rejected (per reason),
                       min_photos, meets_min_photos -- persons below the target included
+    failures.jsonl    one line per request that failed for good, appended by every run (a log, not state):
+                      url, kind (image, photo, gallery, ...), status (HTTP status or null), reason (http_404,
+                      ignored = off-site redirect or robots.txt, not_binary = HTML instead of an image, empty_body,
+                      a network error's class name), detail, time (UTC), identity, page_url. A failed image is not
+                      journaled as done, so the next run fetches it again; once kept it is in manifest.jsonl.
     .partial/         images being written; wiped when the store opens
 
 Resume from disk, SIGKILL included (JOBDIR alone is not kill-safe). While crawling, ``manifest.jsonl`` and
@@ -146,6 +151,7 @@ class Store:
         self.manifest_path = self.out / "manifest.jsonl"
         self.rejects_path = self.out / "rejects.jsonl"
         self.persons_path = self.out / "persons.jsonl"
+        self.failures_path = self.out / "failures.jsonl"
         self._kept: dict[str, dict[str, Any]] = {}  # sha256 -> manifest record
         self._rejects: dict[tuple[str, str], dict[str, Any]] = {}  # (identity, page_url) -> reject record
         self._done: Counter[str] = Counter()  # identity -> photo pages kept or rejected
@@ -153,6 +159,7 @@ class Store:
         self._persons: dict[str, dict[str, Any]] = {}  # identity -> {"name", "url"}
         self._manifest_fd: int | None = None
         self._rejects_fd: int | None = None
+        self._failures_fd: int | None = None
         self._lock_fd: int | None = None  # lock on OUT/.lock while open
         self._writer: ThreadPoolExecutor | None = None  # one thread: disk steps run in submission order
         self.write_error: OSError | None = None  # first failed disk step; nothing is written after it
@@ -198,6 +205,7 @@ class Store:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         self._manifest_fd = os.open(self.manifest_path, flags, 0o644)
         self._rejects_fd = os.open(self.rejects_path, flags, 0o644)
+        self._failures_fd = os.open(self.failures_path, flags, 0o644)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
 
     def flush(self) -> None:
@@ -210,10 +218,10 @@ class Store:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
-        for fd in (self._manifest_fd, self._rejects_fd):
+        for fd in (self._manifest_fd, self._rejects_fd, self._failures_fd):
             if fd is not None:
                 os.close(fd)
-        self._manifest_fd = self._rejects_fd = None
+        self._manifest_fd = self._rejects_fd = self._failures_fd = None
         if self.write_error is not None:  # keep only what really reached the disk
             lost = [sha for sha, record in self._kept.items() if not (self.out / record["path"]).exists()]
             for sha in lost:
@@ -360,6 +368,10 @@ class Store:
         self._rejects[(item.identity, item.page_url)] = row
         self._mark_done(item.identity, item.page_url)
         return self._submit(self._append, self._rejects_fd, row)
+
+    def failure(self, row: dict[str, Any]) -> Future[None]:
+        """Append a failed request to ``failures.jsonl`` (format in the module docstring)."""
+        return self._submit(self._append, self._failures_fd, row)
 
     def keep(self, item: PhotoItem) -> Future[None]:
         """Store a new content: temp file, manifest line, then rename into ``images/``.

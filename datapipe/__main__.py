@@ -3,6 +3,8 @@
 python -m datapipe build --config configs/shards/real.yaml --in IN --out OUT
 python -m datapipe build ... --num-parts 8 --part 3     # one of 8 machines
 python -m datapipe merge OUT                            # after all parts finished
+python -m datapipe verify OUT                           # re-check every shard's size, sha256 and samples
+python -m datapipe remove OUT --identity NAME --sha256 HASH   # take people or photos out (rewrites their shards)
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("out_dir", metavar="OUT", help="the --out folder all parts wrote to")
     m.add_argument("--num-parts", type=int, help="which run's parts, when parts of several --num-parts are present")
+
+    v = sub.add_parser(
+        "verify",
+        help="re-check every shard against index.json (size, sha256, samples); exit status 1 on any problem",
+        description="Read OUT/index.json and check each shard's size, SHA-256 and sample count. Changes nothing.",
+    )
+    v.add_argument("out_dir", metavar="OUT", help="the dataset folder (with index.json)")
+
+    r = sub.add_parser(
+        "remove",
+        help="take identities or photos out of a built dataset (e.g. on a removal request)",
+        description=(
+            "Record the removal in OUT/removed.json (later builds honour it), rewrite only the shards that held "
+            "the samples, and update index.json, stats.json, rejects.jsonl, samples.parquet and DATASET_CARD.md."
+        ),
+    )
+    r.add_argument("out_dir", metavar="OUT", help="the dataset folder (with index.json)")
+    r.add_argument("--identity", action="append", default=[], help="an identity to remove (repeatable)")
+    r.add_argument("--sha256", action="append", default=[], help="SHA-256 of a source photo to remove (repeatable)")
     return parser
 
 
@@ -86,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                 caption__batch_size=args.batch_size,
             )
             build(config, args.in_dir, args.out_dir, part=args.part, num_parts=args.num_parts)
+        elif args.command == "remove":
+            from datapipe.remove import remove
+
+            touched = remove(args.out_dir, args.identity, args.sha256)
+            logging.getLogger("datapipe").info("rewrote or deleted %d shards: %s", len(touched), ", ".join(touched))
+        elif args.command == "verify":
+            from datapipe.verify import verify
+
+            problems = verify(args.out_dir)
+            for problem in problems:
+                logging.getLogger("datapipe").error("%s", problem)
+            if problems:
+                return 1
+            logging.getLogger("datapipe").info("%s: every shard matches index.json", args.out_dir)
         else:
             from datapipe.index import merge
 

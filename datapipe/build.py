@@ -10,7 +10,13 @@ Stages, in the order they run (each one counts what it rejects and why, :mod:`da
    caption people who would be dropped; the shards are the same either way.
 4. ``caption``: BLIP-2 captions, batched.
 5. ``shards`` (:mod:`datapipe.writer`; format: :mod:`bolid.shards`): identity-grouped WebDataset shards, each
-   written to a temporary name and renamed; then this part's index (:mod:`datapipe.index`).
+   written to a temporary name and renamed, less what ``datapipe remove`` took out (:mod:`datapipe.removals`);
+   identities that did not change keep their shards (:func:`datapipe.writer.plan_stable`); then this part's
+   index (:mod:`datapipe.index`) and its rows of ``samples.parquet`` (:mod:`datapipe.table`).
+
+Ingest decides over every identity of the input, not only this part's (each part probes its own images first,
+then the others', sharing the probe cache), so duplicates across identities are found whatever the partition
+and N parts give the same samples as one.
 
 Every result is cached as soon as it exists (:mod:`datapipe.cache`) and every decision is a
 pure function of the inputs, the settings and the cached results, taken in (identity, sha256)
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import json
 import logging
 import os
 from collections import Counter, defaultdict
@@ -34,11 +40,13 @@ from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
 from datapipe.annotate import Captioner, PoseModel, Verdict, annotate, judge_persons
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
-from datapipe.index import merge, part_tag, write_part
+from datapipe.index import merge, part_path, part_tag, write_part
 from datapipe.ingest import Item, Source, decide, discover, part_of, run_probes
+from datapipe.removals import Removals
 from datapipe.stats import Stats
+from datapipe.table import sample_rows, write_rows
 from datapipe.workers import StoredTask, WorkerPool, stored_bytes
-from datapipe.writer import plan_shards, write_shard
+from datapipe.writer import file_sha256, plan_stable, shard_digest, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +108,11 @@ def build(
     tag = part_tag(part, num_parts)
     cache_dir = out / "cache"
     with PartLock(out / "parts" / f"{tag}.lock"), _model_threads(config):
-        sources, layout = discover(in_dir)
-        if not sources:
+        everyone, layout = discover(in_dir)
+        if not everyone:
             raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
-        sources = [s for s in sources if part_of(s.identity, num_parts) == part]
+        sources = [s for s in everyone if part_of(s.identity, num_parts) == part]
+        others = [s for s in everyone if part_of(s.identity, num_parts) != part]
         log.info(
             "%s: %d images of %d identities (%s layout), part %d of %d",
             in_dir,
@@ -119,18 +128,19 @@ def build(
         stored = StoredImages(cache_dir / f"stored-{config.shards.tag}")
         with WorkerPool(config.num_workers) as pool:
             run = PartRun(config, cache_dir, tag, stored, pool, progress)
-            items = _record(stats, rejects, "ingest", *stage_ingest(sources, run))
+            items = _record(stats, rejects, "ingest", *stage_ingest(sources, run, others))
             posed = _record(stats, rejects, "pose", *stage_pose(items, run))
             kept = _record(stats, rejects, "identities", *stage_identities(posed, config.identities.min_photos))
             stats.identities["kept"] = len({it.identity for it, _ in kept})
             samples = _record(stats, rejects, "caption", *stage_caption(kept, run), summary=False)
-            shards, _ = stage_shards(samples, run, out, part, num_parts)
-            stats["shards"].passed(len(samples))
+            shards, samples = stage_shards(samples, run, out, part, num_parts, stats, rejects)
             stats.shards = len(shards)
 
         content = _part_index(config, part, num_parts, layout, shards, samples, stats)
         rejects.sort(key=lambda r: (r["identity"], r["path"], r["stage"]))
         write_part(out, part, num_parts, content, rejects)
+        rows = sample_rows(sources, run.records, rejects, samples, shards)
+        write_rows(part_path(out, part, num_parts).with_suffix(".samples.jsonl"), rows)
         log.info(
             "part %d of %d: %d samples of %d identities in %d shards",
             part,
@@ -159,6 +169,7 @@ class PartRun:
     stored: StoredImages
     pool: WorkerPool
     progress: Callable = _progress
+    records: dict[str, dict] = dataclasses.field(default_factory=dict)  # ingest's probe record per source path
 
     def task(self, item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
         """The worker task that loads ``item``'s stored pixels (at ``draft`` size, for a model's input)."""
@@ -174,21 +185,29 @@ class PartRun:
         )
 
 
-def stage_ingest(sources: list[Source], run: PartRun) -> tuple[list[Item], list[dict]]:
-    """1. Size and decode checks, the stored (resized) copy, exact and near-duplicate removal."""
-    config, sh = run.config, run.config.shards
+def stage_ingest(sources: list[Source], run: PartRun, others: list[Source] = ()) -> tuple[list[Item], list[dict]]:
+    """1. Size and decode checks, the stored (resized) copy, duplicate removal; returns this part's outcome.
+
+    ``others`` are the other parts' sources: probed too (after this part's, reusing the shared probe cache) so
+    that duplicates across identities are decided over the whole input, the same way in every part.
+    """
+    sh, ing = run.config.shards, run.config.ingest
     journal = Journal(run.cache_dir, f"ingest-{sh.tag}", run.tag, key="path")
-    records = run_probes(
-        sources,
-        config.ingest.min_size,
+    run.records = run_probes(
+        [*sources, *others],
+        ing.min_size,
         run.stored,
         journal,
         (sh.resolution, sh.quality, sh.resample),
         run.pool.map_ordered,
         run.progress,
+        max_pixels=ing.max_pixels,
     )
     journal.close()
-    return decide(sources, records, config.ingest.min_size, config.ingest.near_duplicate_distance)
+    everyone = sorted([*sources, *others], key=lambda s: (s.identity, s.rel))
+    items, rejects = decide(everyone, run.records, ing.min_size, ing.near_duplicate_distance, ing.max_pixels)
+    mine = {s.identity for s in sources}
+    return [it for it in items if it.identity in mine], [r for r in rejects if r["identity"] in mine]
 
 
 def stage_pose(items: list[Item], run: PartRun) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
@@ -239,11 +258,26 @@ def stage_caption(kept: list[tuple[Item, Verdict]], run: PartRun) -> tuple[list[
 
 
 def stage_shards(
-    samples: list[tuple[Item, ShardSample]], run: PartRun, out: Path, part: int, num_parts: int
-) -> tuple[list[dict], list[dict]]:
-    """5. This part's shards (``index.json``-style entries); never rejects."""
+    samples: list[tuple[Item, ShardSample]],
+    run: PartRun,
+    out: Path,
+    part: int,
+    num_parts: int,
+    stats: Stats,
+    rejects: list[dict],
+) -> tuple[list[dict], list[tuple[Item, ShardSample]]]:
+    """5. This part's shards (``index.json``-style entries) and the samples in them; rejects only what
+    ``datapipe remove`` took out (``OUT/removed.json``)."""
+    removals = Removals.load(out)
+    removed = [
+        _reject("shards", "removed", it, removals.why(it.identity, it.sha256))
+        for it, _ in samples
+        if removals.covers(it.identity, it.sha256)
+    ]
+    samples = [(it, s) for it, s in samples if not removals.covers(it.identity, it.sha256)]
+    _record(stats, rejects, "shards", samples, removed, summary=False)
     shards = _write_shards(samples, run.config, out, run.cache_dir, part, num_parts, run.pool, run.task, run.progress)
-    return shards, []
+    return shards, samples
 
 
 def _record(stats: Stats, rejects: list[dict], stage: str, kept: list, stage_rejects: list[dict], summary=True):
@@ -267,6 +301,7 @@ def _part_index(
             info["shards"].append(shard["name"])
     for it, _ in samples:
         identities[it.identity]["name"] = it.source.name
+    stats.identities["kept"] = len(identities)  # in the shards (less any removed on request)
     return {
         "part": part,
         "num_parts": num_parts,
@@ -332,6 +367,17 @@ def _sample(item: Item, verdict, caption: str) -> ShardSample:
     )
 
 
+def _previous_shards(out: Path, part: int, num_parts: int, config: BuildConfig) -> list[dict]:
+    """The shards of the last complete build of this part with the same shard settings (else [])."""
+    path = part_path(out, part, num_parts)
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("settings", {}).get("shards") != dataclasses.asdict(config.shards):
+        return []
+    return [s for s in previous["shards"] if "number" in s]
+
+
 def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, progress) -> list[dict]:
     """Write this part's shards; unchanged ones (same samples and settings as recorded) are kept as they are."""
     sh = config.shards
@@ -339,7 +385,8 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     for it, sample in samples:
         by_identity[it.identity].append((it, sample))
     order = sorted(by_identity)
-    plan = plan_shards([(i, len(by_identity[i])) for i in order], sh.samples_per_shard)
+    counts = [(i, len(by_identity[i])) for i in order]
+    plan = plan_stable(_previous_shards(out, part, num_parts, config), counts, sh.samples_per_shard)
     pattern = shard_pattern(part, num_parts)
     for stale in out.glob(".shard-*.tmp"):
         if pattern.fullmatch(stale.name[1:].rsplit(".", 2)[0]):
@@ -347,32 +394,41 @@ def _write_shards(samples, config, out, cache_dir, part, num_parts, pool, task, 
     journal = Journal(cache_dir, "shards", part_tag(part, num_parts), key="name")
     done = journal.load()
     planned = []
-    for i, slices in enumerate(plan):
+    for number, slices in plan:
         members = [m for identity, a, b in slices for m in by_identity[identity][a:b]]
         metas = [(sample_key(it.identity, it.sha256), s.to_json()) for it, s in members]
-        digest = hashlib.sha256(sh.tag.encode())
-        for key, meta in metas:
-            digest.update(key.encode() + b"\0" + meta + b"\0")
-        name = shard_name(i, part, num_parts)
+        digest = shard_digest(sh.tag, metas)
+        name = shard_name(number, part, num_parts)
         rec, path = done.get(name), out / name
-        fresh = rec is not None and rec["digest"] == digest.hexdigest() and path.is_file()
+        fresh = rec is not None and rec["digest"] == digest and path.is_file()
         fresh = fresh and path.stat().st_size == rec["bytes"]
-        planned.append((name, slices, members, metas, digest.hexdigest(), fresh))
-    todo = [task(it) for name, _, members, _, _, fresh in planned if not fresh for it, _ in members]
+        planned.append((number, name, slices, members, metas, digest, fresh))
+    todo = [task(it) for _, _, _, members, _, _, fresh in planned if not fresh for it, _ in members]
     jpgs = pool.map_ordered(stored_bytes, todo)
     shards = []
     with progress(total=len(samples), desc="shards") as bar:
-        for name, slices, members, metas, digest, fresh in planned:
+        for number, name, slices, members, metas, digest, fresh in planned:
             path = out / name
             if fresh:
                 size = path.stat().st_size
+                sha = done[name].get("sha256") or file_sha256(path)
             else:
                 size = write_shard(path, ((key, next(jpgs), meta) for key, meta in metas))
-                journal.append([{"name": name, "digest": digest, "bytes": size}], fsync=True)
-            counts: dict[str, int] = {}
+                sha = file_sha256(path)
+                journal.append([{"name": name, "digest": digest, "bytes": size, "sha256": sha}], fsync=True)
+            per_identity: dict[str, int] = {}
             for identity, a, b in slices:
-                counts[identity] = counts.get(identity, 0) + b - a
-            shards.append({"name": name, "count": len(members), "bytes": size, "identities": counts})
+                per_identity[identity] = per_identity.get(identity, 0) + b - a
+            shards.append(
+                {
+                    "name": name,
+                    "number": number,
+                    "count": len(members),
+                    "bytes": size,
+                    "sha256": sha,
+                    "identities": per_identity,
+                }
+            )
             bar.update(len(members))
     journal.close()
     names = {s["name"] for s in shards}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bolid.config import ComponentsConfig, check_keys, load_yaml
+from bolid.images import MAX_IMAGE_PIXELS
 from datapipe.resize import RESAMPLE
 
 
@@ -32,13 +33,17 @@ class IngestConfig:
             read from the header, without decoding.
         near_duplicate_distance: two images of one identity whose 64-bit pHashes differ in at most this many
             bits are near-duplicates and only the larger is kept; -1 turns near-duplicate removal off.
+        max_pixels: reject images whose header declares more pixels (``too_large``, decompression bombs)
+            without decoding them; the same default as the crawler's ``max_image_pixels`` (50 MP).
     """
 
     min_size: int = 1000
     near_duplicate_distance: int = 6
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         _check(self.min_size >= 1, "ingest.min_size", "a positive number of pixels", self.min_size)
+        _check(self.max_pixels >= self.min_size**2, "ingest.max_pixels", "at least min_size squared", self.max_pixels)
         _check(
             -1 <= self.near_duplicate_distance <= 32,
             "ingest.near_duplicate_distance",

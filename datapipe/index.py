@@ -1,4 +1,5 @@
-"""Part indexes, the identity split, and the merge that writes ``index.json`` and ``stats.json``.
+"""Part indexes, the identity split, and the merge that writes ``index.json``, ``stats.json``,
+``samples.parquet`` (:mod:`datapipe.table`) and ``DATASET_CARD.md`` (:mod:`datapipe.card`).
 
 Every build run writes the index of its part (``OUT/parts/part-<p>-of-<N>.json``: its shards,
 identities and stats; ``.rejects.jsonl`` beside it) after all its shards are in place. The
@@ -20,7 +21,9 @@ from typing import Any
 
 from bolid.files import atomic_write
 from bolid.shards import FORMAT, FORMAT_VERSION, SPLITS
+from datapipe.card import write_card
 from datapipe.stats import Stats
+from datapipe.table import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +191,10 @@ def merge(out: Path, num_parts: int | None = None, validation: float | None = No
         if rej.is_file():
             rejects.extend(line for line in rej.read_text(encoding="utf-8").splitlines() if line)
     atomic_write(out / "rejects.jsonl", "".join(line + "\n" for line in rejects))
+    rows = write_parquet(out, [path.with_suffix(".samples.jsonl") for path in paths], split)
     atomic_write(out / "stats.json", json.dumps(stats.to_dict(), indent=1) + "\n")
     atomic_write(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1) + "\n")
+    write_card(out, index, stats.to_dict(), rows, parts[0].get("layout", "unknown"))
     log.info(
         "merged %d part(s): %d samples of %d identities in %d shards (train/validation/test identities: %s)",
         num_parts,

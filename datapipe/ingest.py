@@ -8,14 +8,20 @@ Two input layouts are read (:func:`discover`):
   users can bring their own photos; the folder name is the identity.
 
 Each image goes through :func:`probe` in a worker process: the size check reads only the
-header (EXIF orientation applied); then the bytes are hashed (SHA-256), decoded with the
+header (EXIF orientation applied) and refuses more than ``ingest.max_pixels`` pixels from it (``too_large``;
+Pillow's own limit is set to the same cap, so its ``DecompressionBombError`` is ``too_large`` too, never a
+decode); then the bytes are hashed (SHA-256), decoded with the
 JPEG draft to the stored size (a truncated or corrupt file fails here), hashed perceptually
 and encoded as the stored JPEG (:mod:`datapipe.resize`). Probes are journalled by source
 path, size and mtime, so a re-run probes only new or changed files. :func:`decide` then
 rejects, in this order and deterministically: missing, unreadable, too large, too small,
-corrupt; exact duplicates (same SHA-256; the first in (identity, path) order is kept);
-near-duplicates within an identity (pHash distance at most the threshold; the image with
-more pixels is kept, ties broken by hash).
+corrupt; the same bytes under two or more identities (``multi_identity``: a group shot or a
+wrong label, every copy dropped); exact duplicates within an identity (the first in path order
+is kept); near-duplicates within an identity (pHash distance at most the threshold; the image
+with more pixels is kept, ties broken by hash); then photos of different identities within that
+pHash distance (``multi_identity`` again, both dropped, so a grey copy of a validation photo
+cannot reach test). These rules are symmetric across identities, so their result does not
+depend on the order of the input.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from bolid.images import MAX_IMAGE_PIXELS, ImageError, image_size
+from bolid.images import MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, image_size, limit_pillow
 from datapipe.cache import Journal, StoredImages
 from datapipe.phash import from_hex, hamming, phash, to_hex
 from datapipe.resize import encode_jpeg, resize_for_storage
@@ -172,6 +179,7 @@ class ProbeTask:
     size: int
     mtime_ns: int
     min_size: int
+    max_pixels: int
     stored_dir: str
     resolution: int
     quality: int
@@ -186,13 +194,14 @@ def probe(task: ProbeTask) -> dict:
     header already showed it too small), ``sha256``, ``phash`` (16 hex) and ``stored_width``/``stored_height``.
     """
     rec: dict = {"path": task.rel, "size": task.size, "mtime_ns": task.mtime_ns}
+    limit_pillow(task.max_pixels)  # Pillow itself refuses what the header check would let through
     try:
-        w, h = image_size(task.path)
+        w, h = image_size(task.path, max_pixels=task.max_pixels)
+    except ImageTooLarge as e:
+        return {**rec, "error": "too_large", "detail": str(e)[:300], "max_pixels": task.max_pixels}
     except ImageError as e:
         return {**rec, "error": "unreadable", "detail": str(e)[:300]}
     rec.update(width=w, height=h, decoded=False)
-    if w * h > MAX_IMAGE_PIXELS:
-        return {**rec, "error": "too_large", "detail": f"{w}x{h} pixels"}
     if min(w, h) < task.min_size:
         return rec
     try:
@@ -204,6 +213,8 @@ def probe(task: ProbeTask) -> dict:
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = resize_for_storage(img, task.resolution, task.resample)
+    except Image.DecompressionBombError as e:  # cannot happen after the header check; kept as a second guard
+        return {**rec, "error": "too_large", "detail": str(e)[:300]}
     except (ImageError, OSError, ValueError, SyntaxError) as e:
         return {**rec, "error": "corrupt", "detail": str(e)[:300]}
     stored = StoredImages(Path(task.stored_dir))
@@ -213,9 +224,11 @@ def probe(task: ProbeTask) -> dict:
     return rec
 
 
-def _reusable(rec: dict | None, size: int, mtime_ns: int, min_size: int, stored: StoredImages) -> bool:
+def _reusable(rec: dict | None, size: int, mtime_ns: int, min_size: int, max_pixels: int, stored: StoredImages) -> bool:
     if rec is None or rec.get("size") != size or rec.get("mtime_ns") != mtime_ns:
         return False
+    if rec.get("error") == "too_large":
+        return rec.get("max_pixels") == max_pixels  # judged under another cap: probe again
     if "error" in rec:
         return True
     if rec.get("decoded"):
@@ -231,6 +244,7 @@ def run_probes(
     settings: tuple[int, int, str],
     map_ordered: Callable,
     progress: Callable,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, dict]:
     """Probe every source not already in the journal; returns ``rel -> record`` (missing files absent)."""
     known = journal.load()
@@ -242,12 +256,19 @@ def run_probes(
         except OSError:
             continue
         rec = known.get(src.rel)
-        if _reusable(rec, st.st_size, st.st_mtime_ns, min_size, stored):
+        if _reusable(rec, st.st_size, st.st_mtime_ns, min_size, max_pixels, stored):
             records[src.rel] = rec
         else:
             todo.append(
                 ProbeTask(
-                    str(src.path), src.rel, st.st_size, st.st_mtime_ns, min_size, str(stored.directory), *settings
+                    str(src.path),
+                    src.rel,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    min_size,
+                    max_pixels,
+                    str(stored.directory),
+                    *settings,
                 )
             )
     if len(records):
@@ -266,7 +287,11 @@ def run_probes(
 
 
 def decide(
-    sources: list[Source], records: dict[str, dict], min_size: int, near_duplicate_distance: int
+    sources: list[Source],
+    records: dict[str, dict],
+    min_size: int,
+    near_duplicate_distance: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Item], list[dict]]:
     """Apply the ingest rules (see the module docstring) to probed sources.
 
@@ -281,24 +306,36 @@ def decide(
             {"stage": "ingest", "reason": reason, "identity": src.identity, "path": src.rel, "detail": detail}
         )
 
-    first_of: dict[str, Source] = {}
-    candidates: dict[str, list[Item]] = defaultdict(list)
+    valid: list[tuple[Source, dict]] = []
     for src in sources:
         rec = records.get(src.rel)
         if rec is None:
             reject(src, "missing", "file not found")
         elif "error" in rec:
             reject(src, rec["error"], rec.get("detail", ""))
+        elif rec["width"] * rec["height"] > max_pixels:  # probed under a larger cap
+            reject(src, "too_large", f"{rec['width']}x{rec['height']} exceeds {max_pixels} pixels")
         elif min(rec["width"], rec["height"]) < min_size:
             reject(src, "too_small", f"{rec['width']}x{rec['height']} < {min_size}")
-        elif rec["sha256"] in first_of:
-            reject(src, "duplicate", f"same bytes as {first_of[rec['sha256']].rel}")
         else:
-            first_of[rec["sha256"]] = src
+            valid.append((src, rec))
+    owners: dict[str, set[str]] = defaultdict(set)
+    for src, rec in valid:
+        owners[rec["sha256"]].add(src.identity)
+    first_of: dict[str, Source] = {}
+    candidates: dict[str, list[Item]] = defaultdict(list)
+    for src, rec in valid:
+        sha = rec["sha256"]
+        if len(owners[sha]) > 1:
+            reject(src, "multi_identity", f"same bytes under {', '.join(sorted(owners[sha]))}")
+        elif sha in first_of:
+            reject(src, "duplicate", f"same bytes as {first_of[sha].rel}")
+        else:
+            first_of[sha] = src
             candidates[src.identity].append(
                 Item(
                     src,
-                    rec["sha256"],
+                    sha,
                     rec["width"],
                     rec["height"],
                     rec["stored_width"],
@@ -320,4 +357,43 @@ def decide(
             else:
                 kept.append(item)
         accepted.extend(sorted(kept, key=lambda it: it.sha256))
+    shared = near_copies_across_identities(accepted, near_duplicate_distance)
+    for item in accepted:
+        if item.sha256 in shared:
+            reject(item.source, "multi_identity", f"pHash within {near_duplicate_distance} of {shared[item.sha256]}")
+    accepted = [item for item in accepted if item.sha256 not in shared]
     return accepted, rejects
+
+
+def near_copies_across_identities(items: list[Item], distance: int) -> dict[str, str]:
+    """``sha256 -> a photo of another identity`` for every item whose pHash is within ``distance`` of one.
+
+    The rule is symmetric (both photos are dropped, never one of them chosen), so its result depends only on the
+    set of items, not on their order or on how they were split into parts. Candidate pairs come from
+    multi-index hashing: for ``distance < 8``, two 64-bit hashes that close agree on at least one of their 8 bytes
+    (pigeonhole), so only items sharing a byte value at some position are compared (about n^2 / 32 pairs
+    instead of n^2 / 2); larger distances compare every pair.
+    """
+    if distance < 0 or len(items) < 2:
+        return {}
+    hashes = np.array([it.phash for it in items], dtype=np.uint64)
+    _, owner = np.unique(np.array([it.identity for it in items]), return_inverse=True)
+    groups: list[np.ndarray] = [np.arange(len(items))]
+    if distance < 8:
+        groups = []
+        for block in range(8):
+            values = (hashes >> np.uint64(8 * block)) & np.uint64(0xFF)
+            order = np.argsort(values, kind="stable")
+            cuts = np.flatnonzero(np.diff(values[order])) + 1
+            groups += [g for g in np.split(order, cuts) if len(g) > 1]
+    found: dict[str, str] = {}
+    for group in groups:
+        step = max(1, min(512, (1 << 22) // len(group)))  # (rows, group) blocks of <= 4M distances (32 MB)
+        for start in range(0, len(group), step):
+            rows = group[start : start + step]
+            near = np.bitwise_count(hashes[rows, None] ^ hashes[None, group]) <= distance
+            near &= owner[rows, None] != owner[None, group]
+            for a, b in zip(*np.nonzero(near), strict=True):
+                i, j = rows[a], group[b]
+                found.setdefault(items[i].sha256, items[j].source.rel)
+    return dict(sorted(found.items()))

@@ -15,13 +15,24 @@ from dataclasses import dataclass, field
 STAGES: dict[str, tuple[str, ...]] = {
     # missing: a manifest line whose file is absent; unreadable: no image header; too_large: over the pixel
     # limit; too_small: width or height under ingest.min_size (header only); corrupt: the decode failed
-    # (truncated, broken data); duplicate: same bytes as an earlier image; near_duplicate: pHash within
-    # ingest.near_duplicate_distance of a kept image of the same identity.
-    "ingest": ("missing", "unreadable", "too_large", "too_small", "corrupt", "duplicate", "near_duplicate"),
+    # (truncated, broken data); duplicate: same bytes as an earlier image of the same identity; near_duplicate:
+    # pHash within ingest.near_duplicate_distance of a kept image of the same identity; multi_identity: the same
+    # photo (bytes, or pHash within that distance) under two or more identities, every copy dropped.
+    "ingest": (
+        "missing",
+        "unreadable",
+        "too_large",
+        "too_small",
+        "corrupt",
+        "duplicate",
+        "near_duplicate",
+        "multi_identity",
+    ),
     "pose": ("no_person", "multiple_persons", "too_few_keypoints"),
     "identities": ("too_few_photos",),
     "caption": (),
-    "shards": (),
+    # removed: taken out on request (python -m datapipe remove; OUT/removed.json)
+    "shards": ("removed",),
 }
 
 

@@ -8,8 +8,14 @@ Build a site from your own images with :meth:`DemoSite.from_identities` (``{slug
 bytes])}``), or a synthetic one with :meth:`DemoSite.synthetic`, whose ``traps=True`` adds, on top of the good
 photos: a gallery spanning several pages, images under 1000 px (one too narrow, one too short), one image served
 under two URLs (two persons), a truncated JPEG, a JPEG whose header claims 20000x20000 px, an image that answers
-404, one that answers 503 once and then 200, an image URL that redirects to another host, off-site links, and a
-person that robots.txt disallows. Every photo carries its ``kind`` so tests can derive what a crawl must keep.
+404, one that answers 503 once and then 200, one that answers an empty body once and one that is cut off once
+(both whole on the next request), an image URL that redirects to another host, off-site links, and a person that
+robots.txt disallows. Gallery traps: the second person is linked as ``/photos/<slug>`` and redirected to
+``/photos/<slug>/`` (whose pagination uses the slash form); persons from the third on are in the older layout
+``/photos/gallery.php?id=<ID>`` (identity ``gallery-<ID>``); the first person's pagination promises one page more
+than exists (404); every gallery shows other people's photos in a "similar people" block and in the sidebar, with
+the same card markup as its own. Every photo carries its ``kind`` and every person its ``identity``, so tests can
+derive what a crawl must keep.
 
 Serve it with :class:`DemoServer` (a stdlib ``ThreadingHTTPServer`` on 127.0.0.1, free port by default)::
 
@@ -39,8 +45,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-#: What a crawl must do with each photo kind.
-KEPT_KINDS = frozenset({"ok", "flaky"})  # "duplicate": one copy of the content is kept, see DemoSite docs
+#: What a crawl must do with each photo kind ("duplicate": one copy of the content is kept, see DemoSite docs).
+KEPT_KINDS = frozenset({"ok", "flaky", "empty_once", "truncated_once"})
 _SLUG = re.compile(r"[a-z0-9](?:[a-z0-9_.-]*[a-z0-9])?")
 
 _FIRST = [
@@ -104,6 +110,7 @@ class DemoPhoto:
         slug: The person's slug.
         number: Position in the person's gallery (1-based).
         kind: ``ok``, ``small``, ``duplicate``, ``corrupt``, ``bomb``, ``missing`` (404), ``flaky`` (503 once),
+            ``empty_once`` (an empty 200 once), ``truncated_once`` (the first half of the bytes once),
             ``offsite_redirect`` (image redirects to another host) or ``offsite_link`` (the thumbnail links off-site).
         page_path: Path of the photo page (for ``offsite_link``: the off-site URL's path).
         image_path: Path of the full-size image.
@@ -120,10 +127,38 @@ class DemoPhoto:
 
 @dataclass
 class DemoPerson:
+    """A person and their gallery.
+
+    Attributes:
+        layout: ``current`` (``/photos/<slug>/``), ``no_slash`` (linked as ``/photos/<slug>``, which redirects to
+            the slash form) or ``legacy`` (``/photos/gallery.php?id=<legacy_id>``, pages ``&page=N``).
+        phantom_pages: Extra gallery pages the pagination links to that do not exist (404).
+    """
+
     slug: str
     name: str
     photos: list[DemoPhoto]
     robots_disallowed: bool = False
+    layout: str = "current"
+    legacy_id: int = 0
+    phantom_pages: int = 0
+
+    @property
+    def identity(self) -> str:
+        """The identity a crawl must file this person's photos under."""
+        return f"gallery-{self.legacy_id}" if self.layout == "legacy" else self.slug
+
+    def page_path(self, number: int) -> str:
+        """Path (with query) of gallery page ``number`` as the site serves and paginates it."""
+        if self.layout == "legacy":
+            base = f"/photos/gallery.php?id={self.legacy_id}"
+            return base if number == 1 else f"{base}&page={number}"
+        return f"/photos/{self.slug}/" + (f"?page={number}" if number > 1 else "")
+
+    @property
+    def link_path(self) -> str:
+        """Path the letter page links to."""
+        return f"/photos/{self.slug}" if self.layout == "no_slash" else self.page_path(1)
 
 
 @dataclass
@@ -132,7 +167,7 @@ class _Route:
     content_type: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
-    flaky: bool = False  # answer 503 once per DemoServer.reset(), then this route
+    first: _Route | None = None  # answered once per DemoServer.reset() before this route (503, empty, cut off)
 
 
 class DemoSite:
@@ -142,17 +177,29 @@ class DemoSite:
         persons: Persons in gallery order; slugs must be lowercase URL-safe (``a-z0-9._-``).
         per_page: Thumbnails per gallery page.
         offsite_links: Put links to another host on a letter page and in a gallery.
+        similar_people: Show other people's photos on every gallery page (a "similar people" block beside the
+            gallery and a sidebar), with the same card markup as the person's own.
     """
 
-    def __init__(self, persons: Sequence[DemoPerson], *, per_page: int = 24, offsite_links: bool = False) -> None:
+    def __init__(
+        self,
+        persons: Sequence[DemoPerson],
+        *,
+        per_page: int = 24,
+        offsite_links: bool = False,
+        similar_people: bool = False,
+    ) -> None:
         if per_page < 1:
             raise ValueError(f"per_page must be >= 1, got {per_page}")
         for person in persons:
             if not _SLUG.fullmatch(person.slug):
                 raise ValueError(f"slug {person.slug!r} must match {_SLUG.pattern}")
+            if person.layout not in ("current", "no_slash", "legacy"):
+                raise ValueError(f"person {person.slug}: unknown layout {person.layout!r}")
         self.persons = {person.slug: person for person in persons}
         self.per_page = per_page
         self.offsite_links = offsite_links
+        self.similar_people = similar_people
 
     # ---------------------------------------------------------------- constructors
 
@@ -194,6 +241,8 @@ class DemoSite:
                 ("bomb", claimed_size_jpeg(20000, 20000, base + 4)),
                 ("missing", None),
                 ("flaky", synthetic_jpeg(1100, 1300, base + 5)),
+                ("empty_once", synthetic_jpeg(1300, 1100, base + 6)),
+                ("truncated_once", synthetic_jpeg(1000, 1200, base + 7)),
                 ("offsite_redirect", None),
                 ("offsite_link", None),
             ]
@@ -206,7 +255,11 @@ class DemoSite:
                 robots_disallowed=True,
             )
             people.append(blocked)
-        return cls(people, per_page=per_page, offsite_links=traps)
+            first.phantom_pages = 1
+            second.layout = "no_slash"
+            for number, person in enumerate(people[2:-1], 2):
+                person.layout, person.legacy_id = "legacy", 1000 + number
+        return cls(people, per_page=per_page, offsite_links=traps, similar_people=traps)
 
     # ---------------------------------------------------------------- rendering
 
@@ -223,7 +276,8 @@ class DemoSite:
         routes["/photos/"] = _html("Фотографии знаменитостей", f'<div class="letters-list">{letter_links}</div>')
         for number, (letter, people) in enumerate(sorted(letters.items())):
             links = "".join(
-                f'<div class="model-item"><a class="model-link" href="/photos/{p.slug}/">{html.escape(p.name)}</a>'
+                f'<div class="model-item"><a class="model-link" href="{html.escape(p.link_path)}">'
+                f"{html.escape(p.name)}</a>"
                 "</div>"
                 for p in people
             )
@@ -237,9 +291,28 @@ class DemoSite:
             self._person_routes(person, routes, offsite_origin)
         return routes
 
+    def _similar(self, person: DemoPerson) -> tuple[str, str]:
+        """A "similar people" block and a sidebar with photo cards of the next crawlable person, or ``("", "")``."""
+        others = [p for p in self.persons.values() if p is not person and not p.robots_disallowed and p.photos]
+        if not self.similar_people or not others:
+            return "", ""
+        after = [p for p in others if list(self.persons).index(p.slug) > list(self.persons).index(person.slug)]
+        other = (after or others)[0]
+        cards = [
+            '<div class="photos-pic-card"><a class="photos-pic-card__link" '
+            f'href="{html.escape(photo.page_path)}"><img src="{photo.image_path.removesuffix(".jpg")}_s.jpg" '
+            f'alt="{html.escape(other.name)}"></a></div>'
+            for photo in other.photos
+            if photo.kind == "ok"
+        ][:2]
+        block = f'<div class="similar-models"><h3>Похожие знаменитости</h3><div class="row">{cards[0]}</div></div>'
+        return block, "".join(cards[1:]) or cards[0]
+
     def _person_routes(self, person: DemoPerson, routes: dict[str, _Route], offsite_origin: str) -> None:
         name = html.escape(person.name)
         pages = [person.photos[i : i + self.per_page] for i in range(0, len(person.photos), self.per_page)] or [[]]
+        similar, sidebar = self._similar(person)
+        promised = len(pages) + person.phantom_pages
         for number, photos in enumerate(pages, 1):
             cards = []
             for photo in photos:
@@ -251,18 +324,19 @@ class DemoSite:
                     "</div></div>"
                 )
             listalka = " ".join(
-                f"<span>{n}</span>" if n == number else f'<a href="/photos/{person.slug}/?page={n}">{n}</a>'
-                for n in range(1, len(pages) + 1)
+                f"<span>{n}</span>" if n == number else f'<a href="{html.escape(person.page_path(n))}">{n}</a>'
+                for n in range(1, promised + 1)
             )
-            if number < len(pages):
-                listalka += f' <a href="/photos/{person.slug}/?page={number + 1}">&raquo;</a>'
+            if number < promised:
+                listalka += f' <a href="{html.escape(person.page_path(number + 1))}">&raquo;</a>'
             body = (
                 f'<h1 class="my-3">{name}</h1>'
                 f'<div class="gallery-pics-list photos-pics-list"><div class="row">{"".join(cards)}</div></div>'
-                f'<div class="listalka">{listalka}</div>'
+                f'<div class="listalka">{listalka}</div>{similar}'
             )
-            path = f"/photos/{person.slug}/" + (f"?page={number}" if number > 1 else "")
-            routes[path] = _html(f"{person.name} — фото", body)
+            routes[person.page_path(number)] = _html(f"{person.name} — фото", body, sidebar)
+        if person.layout == "no_slash":
+            routes[person.link_path] = _Route(301, "text/html", b"", {"Location": person.page_path(1)})
         for photo in person.photos:
             if photo.kind == "offsite_link":
                 continue
@@ -277,7 +351,12 @@ class DemoSite:
                     302, "text/html", b"", {"Location": f"{offsite_origin}/offsite{photo.image_path}"}
                 )
             elif photo.body is not None:
-                routes[photo.image_path] = _Route(200, "image/jpeg", photo.body, flaky=photo.kind == "flaky")
+                first = {
+                    "flaky": _Route(503, "text/plain", b"try again"),
+                    "empty_once": _Route(200, "image/jpeg", b""),
+                    "truncated_once": _Route(200, "image/jpeg", photo.body[: len(photo.body) // 2]),
+                }.get(photo.kind)
+                routes[photo.image_path] = _Route(200, "image/jpeg", photo.body, first=first)
 
     @property
     def photo_count(self) -> int:
@@ -292,13 +371,13 @@ def _photo(slug: str, number: int, kind: str, body: bytes | None) -> DemoPhoto:
     return DemoPhoto(slug, number, kind, page, f"/archive/{slug}/img/{file}.jpg", body)
 
 
-def _html(title: str, main: str) -> _Route:
+def _html(title: str, main: str, sidebar: str = "") -> _Route:
     page = (
         '<!DOCTYPE html><html lang="ru"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)} | ThePlace (demo)</title></head><body>"
         '<div class="container-xl container-main"><div class="row">'
         f'<div class="col-xl-9 col-lg-8 col-md-7 col-sm-12 main-col-content">{main}</div>'
-        '<div class="col-xl-3 col-lg-4 col-md-5 sidebar"><a href="/photos/">Все фото</a></div>'
+        f'<div class="col-xl-3 col-lg-4 col-md-5 sidebar"><a href="/photos/">Все фото</a>{sidebar}</div>'
         "</div></div></body></html>"
     )
     return _Route(200, "text/html; charset=utf-8", page.encode("utf-8"))
@@ -357,7 +436,7 @@ class DemoServer:
         self.stop()
 
     def reset(self) -> None:
-        """Forget the request and User-Agent counts and re-arm the flaky images' first 503."""
+        """Forget the request and User-Agent counts and re-arm the images' first answers (503, empty, cut off)."""
         with self._lock:
             self.requests.clear()
             self.user_agents.clear()
@@ -369,9 +448,9 @@ class DemoServer:
             self.requests[path] += 1
             self.user_agents[user_agent] += 1
             route = self._routes.get(path)
-            if route is not None and route.flaky and path not in self._flaky_served:
+            if route is not None and route.first is not None and path not in self._flaky_served:
                 self._flaky_served.add(path)
-                return _Route(503, "text/plain", b"try again")
+                return route.first
         return route or _Route(404, "text/html; charset=utf-8", b"<h1>404</h1>")
 
 

@@ -1,6 +1,8 @@
 """End-to-end tests: the real spider, run as ``python -m crawler`` in a subprocess, against the fake ThePlace of
 ``demo.site`` served on 127.0.0.1 (several gallery pages, small images, a duplicate under two URLs, a
-corrupt JPEG, a decompression bomb, a 404, a 503-then-200, robots.txt, off-site links and redirects).
+corrupt JPEG, a decompression bomb, a 404, a 503-then-200, an empty and a cut-off body that are whole the second
+time, robots.txt, off-site links and redirects; a person link that redirects to its slash form, two persons in the
+older ``gallery.php?id=`` layout, other people's photos beside every gallery, pagination promising a missing page).
 
 Includes the resume test: a crawl killed with SIGKILL midway, restarted with the same command, must fetch no
 stored image again and end with byte-identical manifest, rejects and persons files to an uninterrupted crawl.
@@ -23,10 +25,10 @@ import pytest
 from PIL import Image
 
 from crawler.store import read_jsonl
-from demo.site import DemoServer, DemoSite
+from demo.site import KEPT_KINDS, DemoServer, DemoSite
 
 ROOT = Path(__file__).resolve().parent.parent
-SITE = DemoSite.synthetic(persons=3, photos=12, per_page=5)
+SITE = DemoSite.synthetic(persons=4, photos=12, per_page=5)
 FAST = ["--download-delay", "0", "--no-autothrottle", "--retry-backoff", "0.05", "--log-level", "INFO"]
 
 
@@ -48,17 +50,17 @@ def expected_manifest(site: DemoSite, base_url: str) -> list[dict]:
         if person.robots_disallowed:
             continue
         for photo in person.photos:
-            if photo.kind not in ("ok", "flaky", "duplicate"):
+            if photo.kind not in KEPT_KINDS | {"duplicate"}:
                 continue
             sha = hashlib.sha256(photo.body).hexdigest()
             with Image.open(io.BytesIO(photo.body)) as image:
                 width, height = image.size
             record = {
-                "identity": person.slug,
+                "identity": person.identity,
                 "name": person.name,
                 "image_url": base_url + photo.image_path,
                 "page_url": base_url + photo.page_path,
-                "path": f"images/{person.slug}/{sha}.jpg",
+                "path": f"images/{person.identity}/{sha}.jpg",
                 "width": width,
                 "height": height,
                 "sha256": sha,
@@ -89,7 +91,16 @@ def test_crawl_keeps_exactly_the_expected_images(server, clean_run):
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = list(read_jsonl(out / "manifest.jsonl"))
     assert manifest == expected_manifest(SITE, server.base_url)
-    assert len(manifest) == 3 * 12 + 1  # the 503-then-200 image is kept too; the duplicate is kept once
+    # the 503-then-200, empty-once and cut-off-once images are kept too; the duplicate is kept once
+    assert len(manifest) == 4 * 12 + 3
+    first, second, third, fourth = list(SITE.persons.values())[:4]
+    assert second.layout == "no_slash" and third.layout == fourth.layout == "legacy"
+    assert Counter(r["identity"] for r in manifest) == {
+        first.slug: 16,  # 12 + 3 retried ones + the copy of a photo of second (its key sorts first)
+        second.slug: 11,  # all pages, though the person link redirects to the slash form
+        "gallery-1002": 12,  # older gallery.php?id= persons stay apart
+        "gallery-1003": 12,
+    }
     for record in manifest:
         assert hashlib.sha256((out / record["path"]).read_bytes()).hexdigest() == record["sha256"]
     stored = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
@@ -103,8 +114,9 @@ def test_crawl_counts_rejects_per_reason_and_lists_persons(clean_run):
     assert rejects == {"too_small": 2, "corrupt": 1, "too_many_pixels": 1, "duplicate": 1}
     assert "rejected corrupt=1, duplicate=1, too_many_pixels=1, too_small=2" in result.stderr
     persons = {row["identity"]: row for row in read_jsonl(out / "persons.jsonl")}
-    first, second, third = (p.slug for p in list(SITE.persons.values())[:3])
-    assert {k: v["photos"] for k, v in persons.items()} == {first: 13 + 1, second: 11, third: 12}
+    first, second = (p.slug for p in list(SITE.persons.values())[:2])
+    expected = {first: 13 + 1 + 2, second: 11, "gallery-1002": 12, "gallery-1003": 12}
+    assert {k: v["photos"] for k, v in persons.items()} == expected
     assert persons[first]["rejected"] == {"corrupt": 1, "too_many_pixels": 1, "too_small": 2}
     assert persons[second]["rejected"] == {"duplicate": 1}
     assert all(row["min_photos"] == 100 and not row["meets_min_photos"] for row in persons.values())
@@ -119,6 +131,8 @@ def test_crawl_is_polite_and_stays_on_site(clean_run):
     first = next(iter(SITE.persons.values()))
     by_kind = {photo.kind: photo for photo in first.photos}
     assert requests[by_kind["flaky"].image_path] == 2  # 503, retried after a backoff, then 200
+    assert requests[by_kind["empty_once"].image_path] == 2  # an empty body is asked again
+    assert requests[by_kind["truncated_once"].image_path] == 2  # so is a JPEG without its end marker
     assert requests[by_kind["missing"].image_path] == 1  # a 404 is not retried
     photo_pages = [
         p.page_path
@@ -253,7 +267,7 @@ def test_cli_rejects_bad_arguments(tmp_path):
 
 
 def test_response_size_cap_aborts_large_downloads(server, tmp_path):
-    person = list(SITE.persons.values())[2]
+    person = list(SITE.persons.values())[1]
     cap = 30_000
     small_enough = {server.base_url + p.image_path for p in person.photos if len(p.body) <= cap}
     assert 0 < len(small_enough) < len(person.photos)
@@ -261,3 +275,56 @@ def test_response_size_cap_aborts_large_downloads(server, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert {r["image_url"] for r in read_jsonl(tmp_path / "out" / "manifest.jsonl")} == small_enough
     assert f"'theplace/failed': {len(person.photos) - len(small_enough)}" in result.stderr
+
+
+def test_galleries_are_followed_through_redirects_and_older_urls(server, clean_run):
+    _, result, requests, _ = clean_run
+    first, second, third, fourth = list(SITE.persons.values())[:4]
+    # /photos/<second> answers 301 to /photos/<second>/, whose pagination links use the slash form
+    assert requests[second.link_path] == 1
+    assert all(requests[second.page_path(n)] == 1 for n in (1, 2, 3))
+    for person in (third, fourth):  # /photos/gallery.php?id=<ID>&page=N, one identity each
+        assert all(requests[person.page_path(n)] == 1 for n in (1, 2, 3))
+    assert "'theplace/person_links_unrecognised'" not in result.stderr
+
+
+def test_failed_images_are_journaled_and_short_galleries_counted(server, clean_run):
+    out, result, _, _ = clean_run
+    failures = list(read_jsonl(out / "failures.jsonl"))
+    first = next(iter(SITE.persons.values()))
+    by_kind = {photo.kind: photo for photo in first.photos}
+    found = {
+        (urlsplit(f["url"]).path + (f"?{urlsplit(f['url']).query}" if urlsplit(f["url"]).query else "")): f
+        for f in failures
+    }
+    assert found[by_kind["missing"].image_path] | {"time": ""} == {
+        "url": server.base_url + by_kind["missing"].image_path,
+        "kind": "image",
+        "status": 404,
+        "reason": "http_404",
+        "detail": found[by_kind["missing"].image_path]["detail"],
+        "time": "",
+        "identity": first.identity,
+        "page_url": server.base_url + by_kind["missing"].page_path,
+    }
+    assert found[by_kind["offsite_redirect"].image_path.replace("/archive", "/offsite/archive")]["reason"] == "ignored"
+    phantom = first.page_path(len(first.photos) // SITE.per_page + 2)
+    assert found[phantom]["kind"] == "gallery" and found[phantom]["status"] == 404
+    assert all(f["time"].endswith("Z") for f in failures)
+    # images whose first answer was 503, empty or cut off are kept, not failures
+    assert not {by_kind[k].image_path for k in ("flaky", "empty_once", "truncated_once")} & set(found)
+    assert "robots.txt" in found["/photos/robots_blocked/"]["detail"]
+    assert len(failures) == 4
+    assert "'theplace/galleries_short': 1" in result.stderr and "'theplace/gallery_pages_missing': 1" in result.stderr
+    assert f"Gallery of {first.identity} ended early" in result.stderr
+
+
+def test_max_photos_per_person_stops_paginating(server, tmp_path):
+    person = list(SITE.persons.values())[1]
+    server.reset()
+    result = crawl(server.base_url, tmp_path / "out", "--persons", person.slug, "--max-photos-per-person", "3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list(read_jsonl(tmp_path / "out" / "manifest.jsonl"))) == 3
+    assert server.requests[person.page_path(1)] == 1
+    assert [path for path in server.requests if path.startswith(person.page_path(1) + "?page=")] == []
+    assert "galleries_short" not in result.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -49,7 +50,11 @@ INGEST_REJECTS = {
     "alice/small.jpg": "too_small",
     "erin/thumb.jpg": "too_small",
     "alice/near_copy.jpg": "near_duplicate",
-    "bob/copy_of_alice_01.jpg": "duplicate",
+    # the same photo under two people (bytes, or a grey re-encode): every copy dropped, before the split
+    "alice/01.jpg": "multi_identity",
+    "bob/copy_of_alice_01.jpg": "multi_identity",
+    "bob/02.jpg": "multi_identity",
+    "carol/grey_copy_of_bob_02.jpg": "multi_identity",
     "bob/broken.jpg": "corrupt",
     "bob/notes.jpg": "unreadable",
 }
@@ -70,6 +75,8 @@ def make_input(root: Path) -> None:
     near = Image.open(root / "alice" / "00.jpg").resize((180, 216), Image.Resampling.BICUBIC)
     (root / "alice" / "near_copy.jpg").write_bytes(jpeg_bytes(near, 70))
     shutil.copyfile(root / "alice" / "01.jpg", root / "bob" / "copy_of_alice_01.jpg")
+    grey = Image.open(root / "bob" / "02.jpg").convert("L")
+    (root / "carol" / "grey_copy_of_bob_02.jpg").write_bytes(jpeg_bytes(grey, 85))
     whole = jpeg_bytes(synthetic_photo(220, 260, 9, figures=1))
     (root / "bob" / "broken.jpg").write_bytes(whole[: len(whole) * 2 // 3])
     (root / "bob" / "notes.jpg").write_text("not an image\n")
@@ -156,7 +163,16 @@ def expected_stats(expect: dict) -> dict:
     pose = Counter(v for v in expect["verdict"].values() if v is not None)
     n_pose = n_ingest - sum(pose.values())
     n_kept = len(expect["kept_files"])
-    reasons = ("missing", "unreadable", "too_large", "too_small", "corrupt", "duplicate", "near_duplicate")
+    reasons = (
+        "missing",
+        "unreadable",
+        "too_large",
+        "too_small",
+        "corrupt",
+        "duplicate",
+        "near_duplicate",
+        "multi_identity",
+    )
     return {
         "stages": {
             "ingest": {"in": n_in, "out": n_ingest, "rejected": {r: ingest.get(r, 0) for r in reasons}},
@@ -167,7 +183,7 @@ def expected_stats(expect: dict) -> dict:
             },
             "identities": {"in": n_pose, "out": n_kept, "rejected": {"too_few_photos": n_pose - n_kept}},
             "caption": {"in": n_kept, "out": n_kept, "rejected": {}},
-            "shards": {"in": n_kept, "out": n_kept, "rejected": {}},
+            "shards": {"in": n_kept, "out": n_kept, "rejected": {"removed": 0}},
         },
         "identities": {"found": len(PLAIN) + 1, "kept": len(expect["kept"])},
     }
@@ -477,9 +493,11 @@ def test_scale_out_parts_merge_to_the_single_run(run):
     assert pose is None or pose.stat().st_size == 0, "the parts found every model output in the shared cache"
 
 
-def test_merge_reports_a_photo_that_two_parts_kept(run, tmp_path):
-    """Exact dedupe runs within a part; a copy of a whole person's folder under a name that lands in the other
-    part is kept there too, and the merge lists every such photo (and whether it crosses splits)."""
+@pytest.mark.slow
+def test_part_count_does_not_change_the_result(run, tmp_path):
+    """A person's folder copied under another name is the same photos under two identities: every copy is dropped
+    (multi_identity) whichever part each name lands in, so 1, 2 and 3 parts give the same samples, splits and
+    stats (parts decide ingest over every identity; before, each part kept its own copy)."""
     from datapipe.ingest import part_of
 
     single = read_index(run["out"])
@@ -488,14 +506,147 @@ def test_merge_reports_a_photo_that_two_parts_kept(run, tmp_path):
     in_dir = tmp_path / "in"
     shutil.copytree(run["in"], in_dir)
     shutil.copytree(in_dir / source, in_dir / clone)
+    results = {}
+    for num_parts in (1, 2, 3):
+        out = tmp_path / f"out{num_parts}"
+        shutil.copytree(run["out"] / "cache", out / "cache")
+        for part in range(num_parts):
+            build(run["config"], in_dir, out, part=part, num_parts=num_parts)
+        index = merge(out)
+        assert index["duplicates"] == []
+        samples = {s["__key__"]: (s["jpg"], s["json"]) for _, s in read_shards(out)}
+        splits = {name: info["split"] for name, info in index["identities"].items()}
+        stats = json.loads((out / "stats.json").read_text()) | {"shards": 0}
+        results[num_parts] = (samples, splits, stats)
+        rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+        multi = {r["identity"] for r in rejects if r["reason"] == "multi_identity"}
+        assert {source, clone} <= multi
+    assert source not in results[1][1] and clone not in results[1][1]
+    assert results[1] == results[2] == results[3]
+
+
+def test_index_checksums_and_verify_catch_a_damaged_shard(run, tmp_path):
+    from datapipe.__main__ import main
+
     out = tmp_path / "out"
-    shutil.copytree(run["out"] / "cache", out / "cache")
-    for part in range(2):
-        build(run["config"], in_dir, out, part=part, num_parts=2)
-    index = merge(out)
-    dups = index["duplicates"]
-    assert len(dups) == single.identities[source]["count"]
-    assert all(d["identities"] == sorted([source, clone]) for d in dups)
-    assert all(d["splits"] == sorted({index["identities"][source]["split"], index["identities"][clone]["split"]})
-               for d in dups)  # fmt: skip
-    assert read_index(run["out"]).data["duplicates"] == []  # a single-part run dedupes globally
+    shutil.copytree(run["out"], out, ignore=shutil.ignore_patterns("cache"))
+    index = read_index(out)
+    assert all(s["sha256"] == sha256_file(out / s["name"]) for s in index.shards)
+    assert main(["verify", str(out)]) == 0
+    shard = out / index.shards[0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's bytes: same size, other content
+    shard.write_bytes(bytes(data))
+    shutil.copyfile(shard, out / "shard-09999.tar")
+    from datapipe.verify import verify
+
+    problems = verify(out)
+    assert problems == [
+        f"{shard.name}: sha256 differs from index.json (changed or damaged)",
+        "shard-09999.tar: not listed in index.json",
+    ]
+    assert main(["verify", str(out)]) == 1
+
+
+def test_samples_parquet_has_one_row_per_input_photo(run):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run["out"] / "samples.parquet").to_pylist()
+    index = read_index(run["out"])
+    assert [r["path"] for r in rows] == sorted(run["expect"]["files"], key=lambda f: (f.split("/")[0], f))
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert sorted(r["path"] for r in kept) == sorted(run["expect"]["kept_files"])
+    in_shards = {s["__key__"]: name for name, s in read_shards(run["out"])}
+    for row in kept:
+        assert in_shards[row["key"]] == row["shard"]
+        assert row["split"] == index.split_of(row["identity"]) and row["caption"] and row["person_score"] > 0
+        assert row["sha256"] == run["expect"]["sha"][row["path"]]
+    by_path = {r["path"]: r for r in rows}
+    for path, reason in INGEST_REJECTS.items():
+        assert (by_path[path]["status"], by_path[path]["stage"], by_path[path]["reason"]) == (
+            "rejected",
+            "ingest",
+            reason,
+        )
+        assert by_path[path]["shard"] is None and by_path[path]["split"] is None
+
+
+def test_dataset_card_is_written(run):
+    card = (run["out"] / "DATASET_CARD.md").read_text()
+    stats = json.loads((run["out"] / "stats.json").read_text())
+    ingest = stats["stages"]["ingest"]
+    assert card.startswith("---\nlicense: other\n")
+    assert f"| ingest | {ingest['in']} | {ingest['out']} |" in card and "multi_identity 4" in card
+    index = read_index(run["out"])
+    for split in SPLITS:
+        info = index.data["splits"][split]
+        assert f"| {split} | {len(info['identities'])} | {info['samples']} |" in card
+    for section in ("## Sources", "## Known biases", "research use only", "## Removal"):
+        assert section in card
+
+
+def test_adding_one_identity_rewrites_only_its_shards(run, tmp_path):
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(run["in"], in_dir)
+    shutil.copytree(run["out"], out)
+    (in_dir / "zoe").mkdir()
+    for i in range(10):  # the tiny random pose model keeps about a third
+        img = synthetic_photo(200 + 8 * (i % 3), 240, 7001 + i, figures=1)
+        (in_dir / "zoe" / f"{i:02d}.jpg").write_bytes(jpeg_bytes(img, 90))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.tar")}
+    journal = next((out / "cache").glob("shards.*.jsonl"))
+    writes_before = len(_journal_keys(journal, "name"))
+    old = read_index(out)
+    build(run["config"], in_dir, out)
+    index = read_index(out)
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.tar")}
+    written = _journal_keys(journal, "name")[writes_before:]
+    assert "zoe" in index.identities, "the new person's photos must pass the tiny pipeline"
+    assert written == index.identities["zoe"]["shards"] == sorted(set(after) - set(before))
+    assert len(written) == math.ceil(index.identities["zoe"]["count"] / 4)  # samples_per_shard 4
+    assert {name: after[name] for name in before} == before  # names, bytes and mtimes of the others unchanged
+    for identity, info in old.identities.items():
+        assert index.identities[identity]["shards"] == info["shards"]  # (splits may move: 3 people fill 3 splits)
+    assert all(s["sha256"] == sha256_file(out / s["name"]) for s in index.shards)
+
+
+def test_remove_rewrites_only_the_affected_shards_and_sticks(run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from datapipe.remove import remove
+    from datapipe.verify import verify
+
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(run["in"], in_dir)
+    shutil.copytree(run["out"], out)
+    index = read_index(out)
+    gone_identity, other = sorted(index.identities)[:2]
+    other_sample = next(
+        json.loads(s["json"]) for _, s in read_shards(out) if json.loads(s["json"])["identity"] == other
+    )
+    holding = set(index.identities[gone_identity]["shards"]) | {
+        name for name, s in read_shards(out) if json.loads(s["json"])["sha256"] == other_sample["sha256"]
+    }
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    touched = remove(out, [gone_identity], [other_sample["sha256"]])
+    assert set(touched) == holding
+    after = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    assert {n: b for n, b in after.items() if n not in holding} == {n: b for n, b in before.items() if n not in holding}
+    assert verify(out) == []
+    new = read_index(out)
+    assert gone_identity not in new.identities
+    assert new.identities[other]["count"] == index.identities[other]["count"] - 1
+    removed = index.identities[gone_identity]["count"] + 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["stages"]["shards"]["rejected"] == {"removed": removed}
+    rows = pq.read_table(out / "samples.parquet").to_pylist()
+    assert sum(r["reason"] == "removed" for r in rows) == removed
+    assert all(r["status"] == "rejected" for r in rows if r["identity"] == gone_identity)
+    assert all(
+        sample["identity"] != gone_identity for _, sample in ((n, json.loads(s["json"])) for n, s in read_shards(out))
+    )
+    # a later build of the same input honours the removal and writes nothing new
+    snapshot = {name: (out / name).read_bytes() for name in ("index.json", "stats.json", "rejects.jsonl")}
+    build(run["config"], in_dir, out)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == after
+    assert {name: (out / name).read_bytes() for name in snapshot} == snapshot

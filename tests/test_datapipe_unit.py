@@ -22,7 +22,7 @@ from datapipe.config import BuildConfig, PoseConfig
 from datapipe.index import assign_splits
 from datapipe.phash import hamming, phash
 from datapipe.resize import decode_stored, encode_stored_file, stored_size
-from datapipe.writer import plan_shards, write_shard
+from datapipe.writer import plan_shards, plan_stable, write_shard
 from demo.synthetic import jpeg_bytes, synthetic_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,3 +334,17 @@ def test_non_utf8_file_names_are_skipped_with_a_warning(tmp_path, caplog):
         sources, layout = discover(tmp_path)
     assert layout == "folders" and [s.rel for s in sources] == ["anna/ok.jpg"]
     assert "not valid UTF-8" in caplog.text
+
+
+def test_plan_stable_keeps_unchanged_identities_in_place():
+    previous = [{"number": 0, "identities": {"a": 2, "b": 2}}, {"number": 1, "identities": {"c": 3}}]
+    now = [("a", 2), ("b", 3), ("c", 3), ("d", 1)]  # b grew, d is new
+    assert plan_stable(previous, now, 4) == [
+        (0, [("a", 0, 2)]),  # rewritten without b
+        (1, [("c", 0, 3)]),  # untouched
+        (2, [("b", 0, 3), ("d", 0, 1)]),  # changed and new identities, packed after the last shard
+    ]
+    assert plan_stable([], now, 4) == list(enumerate(plan_shards(now, 4)))
+    big = [{"number": 3, "identities": {"e": 4}}, {"number": 4, "identities": {"e": 1}}]
+    assert plan_stable(big, [("e", 5)], 4) == [(3, [("e", 0, 4)]), (4, [("e", 4, 5)])]
+    assert plan_stable(big, [("f", 1)], 4) == [(5, [("f", 0, 1)])]  # e gone: its shards disappear

@@ -16,7 +16,8 @@ from demo.site import DemoSite
 def test_demo_site_has_every_trap_and_real_layout():
     site = DemoSite.synthetic(persons=3, photos=12, per_page=5)
     kinds = [p.kind for person in site.persons.values() for p in person.photos]
-    for kind in ("small", "duplicate", "corrupt", "bomb", "missing", "flaky", "offsite_redirect", "offsite_link"):
+    kinds_wanted = ("small", "duplicate", "corrupt", "bomb", "missing", "flaky", "empty_once", "truncated_once")
+    for kind in (*kinds_wanted, "offsite_redirect", "offsite_link"):
         assert kind in kinds
     routes = site.routes(offsite_origin="http://localhost:1")
     assert "Disallow: /photos/robots_blocked/" in routes["/robots.txt"].body.decode()

@@ -9,6 +9,11 @@ and calls :func:`bolid.evaluate.evaluate`. Model kinds:
   without one, they are made anyway and the model is left out of the table.
 * ``bolid``: :class:`bolid.pipeline.BoLIDPipeline` with an ``adapter`` folder (``null``: a freshly
   initialised adapter) and per-modality scales: face-only is ``scale_body: 0``, body-only ``scale_face: 0``.
+* ``ip_adapter``, ``ip_adapter_faceid``, ``instantid``: the peers of :mod:`bolid.peers` (keys: its
+  :class:`~bolid.peers.PeerSpec`), each on SDXL base with its own steps and CFG, at the same size.
+
+``metrics.face_pack`` (``buffalo_l`` or ``antelopev2``; ``metrics.face_pack_path`` for its folder) adds the
+Face Sim column (:mod:`bolid.face_sim`).
 
 Models sharing an adapter run on one loaded pipeline (only the scales change), and the base model reuses
 whatever pipeline is loaded, so a table of BoLID, face-only, body-only and base loads SDXL once.
@@ -26,7 +31,9 @@ import torch
 
 from bolid.config import ComponentsConfig, check_keys, load_yaml
 from bolid.evaluate import EvalDataset, RunSettings, Variant, evaluate, folder_dataset, load_prompts
+from bolid.face_id import FACE_PACKS, FaceAnalyzer
 from bolid.metrics import clip_loader
+from bolid.peers import PEER_KINDS, PeerSpec, peer_variant
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,16 @@ TOP_KEYS = {
 }
 DATASET_KEYS = {"name", "shards", "folder", "split", "max_identities", "references"}
 MODEL_KEYS = {"name", "kind", "adapter", "scale_face", "scale_body"}
-MODEL_KINDS = ("base", "bolid")
+MODEL_KINDS = ("base", "bolid")  # and the peers' PEER_KINDS
 GENERATION_KEYS = {"steps", "guidance_scale", "height", "width", "lightning", "pose_threshold"}
-METRIC_KEYS = {"body_min_score", "body_min_features", "body_failure_score", "ci_resamples"}
+METRIC_KEYS = {
+    "body_min_score",
+    "body_min_features",
+    "body_failure_score",
+    "ci_resamples",
+    "face_pack",
+    "face_pack_path",
+}
 COMPARISON_KEYS = {"identities", "prompts", "tile"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,7 +81,8 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
-            raise ValueError(f"models[{self.name!r}].kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+            kinds = MODEL_KINDS + PEER_KINDS
+            raise ValueError(f"models[{self.name!r}].kind must be one of {kinds}, got {self.kind!r}")
         if self.kind == "base" and (self.adapter is not None or (self.scale_face, self.scale_body) != (1.0, 1.0)):
             raise ValueError(f"models[{self.name!r}]: kind 'base' takes no adapter or scales")
         for key in ("scale_face", "scale_body"):
@@ -108,10 +123,12 @@ class EvalConfig:
     out: str
     prompts: list[str]
     datasets: list[DatasetSpec]
-    models: list[ModelSpec]
+    models: list[ModelSpec | PeerSpec]
     run: RunSettings
     generation: dict
     dtype: str | None = None
+    face_pack: str | None = None
+    face_pack_path: str | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "config") -> EvalConfig:
@@ -126,6 +143,11 @@ class EvalConfig:
         check_keys(gen, GENERATION_KEYS, "generation")
         metrics = dict(cfg.get("metrics") or {})
         check_keys(metrics, METRIC_KEYS, "metrics")
+        face = {k: metrics.pop(k, None) for k in ("face_pack", "face_pack_path")}
+        if face["face_pack"] is not None and face["face_pack"] not in FACE_PACKS:
+            raise ValueError(
+                f"metrics.face_pack must be one of {sorted(FACE_PACKS)} or null, got {face['face_pack']!r}"
+            )
         comparison = dict(cfg.get("comparison") or {})
         check_keys(comparison, COMPARISON_KEYS, "comparison")
         run = {k: cfg[k] for k in ("images_per_prompt", "seed", "batch_size", "device") if k in cfg}
@@ -143,6 +165,7 @@ class EvalConfig:
             run=RunSettings(**run),
             generation=gen,
             dtype=dtype,
+            **face,
         )
 
     @classmethod
@@ -174,8 +197,10 @@ def _dataset(entry, i: int) -> DatasetSpec:
     return DatasetSpec(**d)
 
 
-def _model(entry, i: int) -> ModelSpec:
+def _model(entry, i: int) -> ModelSpec | PeerSpec:
     m = _named(entry, "models", i)
+    if m.get("kind") in PEER_KINDS:
+        return PeerSpec.from_dict(m, f"models[{i}]")
     check_keys(m, MODEL_KEYS, f"models[{i}]")
     if m.get("adapter") is not None:
         m["adapter"] = str(m["adapter"])
@@ -260,7 +285,13 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
     threshold = float(cfg.generation.get("pose_threshold", 0.5))
     pipes = PipelineCache(cfg.components, lightning, cfg.run.device, dtype, threshold)
     generation = {k: v for k, v in cfg.generation.items() if k not in ("lightning", "pose_threshold")}
-    variants = [build_variant(m, pipes, generation) for m in cfg.models]
+    size = {k: generation.get(k) for k in ("height", "width")}  # every row, peers included, at the same size
+    variants = [
+        build_variant(m, pipes, generation)
+        if isinstance(m, ModelSpec)
+        else peer_variant(m, cfg.components, cfg.run.device, dtype, **size)
+        for m in cfg.models
+    ]
     no_identity = next((v for v in variants if not v.uses_identity), None)
     if no_identity is None:
         name = "SDXL-Lightning (no identity)" if lightning else "SDXL (no identity)"
@@ -272,6 +303,10 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
         "dtype": cfg.dtype,
     }
     clip = clip_loader(cfg.components.kind, cfg.components.source("clip"))
+    faces = None
+    if cfg.face_pack:
+        pack, path, kit = cfg.face_pack, cfg.face_pack_path, cfg.components.kind
+        faces = FaceAnalyzer.from_pack(pack, path, kit=kit)  # fails now, not after the first model, if missing
     pose = stats = None
     if cfg.components.mini:  # Body Sim with the mini kit's evaluation keypoint model and its world's statistics
         from bolid.kits import mini
@@ -279,7 +314,17 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
         pose, stats = mini.pose_extractor("eval", device=cfg.run.device), mini.body_stats()
         record["body_sim"] = {"pose": "mini vitpose_eval", "mean": stats[0], "std": stats[1]}
     return evaluate(
-        variants, datasets, cfg.prompts, cfg.out, clip, no_identity, cfg.run, pose=pose, record=record, body_stats=stats
+        variants,
+        datasets,
+        cfg.prompts,
+        cfg.out,
+        clip,
+        no_identity,
+        cfg.run,
+        pose=pose,
+        record=record,
+        faces=faces,
+        body_stats=stats,
     )
 
 

@@ -1,14 +1,15 @@
 """``bolid export``: a training checkpoint (``.ckpt``) -> an adapter folder and its stock-diffusers export.
 
 Training writes the adapter when it ends; this turns any checkpoint into one, e.g. an intermediate step
-to evaluate, or the ``last.ckpt`` of a run that was stopped. The checkpoint records the components and the
-adapter's settings, so only the frozen base model is loaded again (the adapter is shaped by its UNet).
+to evaluate, or the ``last.ckpt`` of a run that was stopped. The checkpoint records the components, the
+adapter's settings and its trained weights, so only what shapes the adapter is loaded again: the base UNet
+(whose cross-attention K/V the adapter's low-rank updates apply to) and the image encoder (its width).
+No VAE, text encoders, Lightning UNet or training module.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 from pathlib import Path
 
@@ -28,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bolid.train.module import BoLIDTrainingModule
+    from bolid import components
+    from bolid.adapter import AdapterConfig, BodyConditionModule
+    from bolid.config import ComponentsConfig
+    from bolid.image_encoder import ClipImageEncoder
 
     path = Path(args.ckpt)
     if not path.is_file():
@@ -36,24 +40,29 @@ def run(args: argparse.Namespace) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise SystemExit(f"error: {path} is not a `bolid fit` checkpoint (no hyper_parameters / state_dict)")
-    accepted = set(inspect.signature(BoLIDTrainingModule.__init__).parameters) - {"self"}
-    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}  # drops LightningCLI bookkeeping
-    # Only the base UNet and the image encoder are needed to rebuild the adapter: no Lightning branch.
-    hp.update(stage=1, w_id=0.0, w_clip=0.0, sample_every_n_steps=0, init_adapter=None, cache_dir=None)
-    hp["adapter"] = ckpt.get("adapter_config") or hp.get("adapter")
-    if args.components:
-        hp["components"] = args.components
-    module = BoLIDTrainingModule(**hp)
-    missing = set(module.trainable_named_parameters()) - set(ckpt["state_dict"])
+    hp = ckpt["hyper_parameters"]
+    if args.ema and "ema" not in ckpt:
+        raise SystemExit(f"error: {path} holds no EMA weights (train with model.ema_decay set)")
+    cfg = ComponentsConfig.parse(args.components or hp.get("components", "real"))
+    unet = components.load_unet(cfg)
+    image_encoder = ClipImageEncoder.from_components(cfg.kind, cfg.source("eva_clip"))
+    settings = ckpt.get("adapter_config") or hp.get("adapter") or {}
+    adapter = BodyConditionModule(unet, image_encoder, AdapterConfig.from_dict(settings))
+    # As in training: the frozen parts in model.frozen_dtype, the trainable ones in fp32.
+    dtype = components.DTYPES[hp.get("frozen_dtype", "fp32")]
+    if dtype != torch.float32:
+        unet.to(dtype)
+        image_encoder.to(dtype)
+    for p in adapter.trainable_parameters():
+        p.data = p.data.float()
+    weights = ckpt["ema"] if args.ema else ckpt["state_dict"]
+    state = {k.removeprefix("adapter."): v for k, v in weights.items() if k.startswith("adapter.")}
+    missing = set(adapter.adapter_state_dict()) - set(state)
     if missing:
-        raise SystemExit(f"error: {path} lacks {len(missing)} adapter weights (e.g. {sorted(missing)[0]})")
-    module.load_state_dict(ckpt["state_dict"], strict=False)
-    if args.ema:
-        if "ema" not in ckpt:
-            raise SystemExit(f"error: {path} holds no EMA weights (train with model.ema_decay set)")
-        module._ema = dict(ckpt["ema"])
-    out = module.save_adapter(args.out, ema=args.ema)
+        raise SystemExit(f"error: {path} lacks {len(missing)} adapter weights (e.g. adapter.{sorted(missing)[0]})")
+    adapter.load_state_dict(state, strict=False)
+    out = adapter.save(args.out)
     if not args.no_diffusers:
-        module.adapter.export_diffusers(Path(out) / "diffusers")
+        adapter.export_diffusers(Path(out) / "diffusers")
     log.info("step %s of %s -> %s%s", ckpt.get("global_step"), path, out, " (EMA)" if args.ema else "")
     return 0

@@ -24,6 +24,9 @@ builder                     returns                                           cl
                             image_encoder, feature_extractor``
 ``sdxl_lightning_unet(      the SDXL-Lightning UNet for ``base_unet``'s       ``UNet2DConditionModel``
 source, *, base_unet)``     config
+``sdxl_lightning_lora(      ``None``: loads the SDXL-Lightning LoRA into       PEFT LoRA (diffusers loading)
+source, *, unet)``          ``unet``, switched off
+                            (:mod:`bolid.lightning_lora`)
 ``person_detector(source)``  ``(model, image_processor)``                     ``RTDetrForObjectDetection``
 ``vitpose(source)``         ``(model, image_processor)``                      ``VitPoseForPoseEstimation``
 ``blip2(source,             ``(model, processor)``                            ``Blip2ForConditionalGeneration``
@@ -33,6 +36,9 @@ pretrained=None)``          is recorded in adapters and must rebuild this
                             encoder through the same kit
 ``clip(source)``            ``(model, processor)``                            ``CLIPModel``, ``CLIPProcessor``
 ==========================  ================================================  ==================================
+
+Optional: ``sdxl_unet(source, torch_dtype=float32)``, the base UNet alone (``bolid.components.load_unet`` uses
+it when present, else the ``unet`` of ``sdxl``), for kits where loading the whole of SDXL costs much more.
 
 A kit whose EVA-CLIP ``name`` is not a real open_clip architecture sets ``EVA_CLIP_NAME`` to it, so that
 :func:`bolid.components.image_encoder_kit` finds the kit again when an adapter is loaded.

@@ -26,6 +26,14 @@ def sdxl(source: str | None = None, torch_dtype: torch.dtype = torch.float32, va
     return dict(pipe.components)
 
 
+def sdxl_unet(source: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    """Only the SDXL base UNet (``unet/`` of the SDXL folder): no VAE, text encoders or tokenizers."""
+    from diffusers import UNet2DConditionModel
+
+    path = resolve("sdxl", source)
+    return _call("sdxl", path, UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=torch_dtype)
+
+
 def sdxl_lightning_unet(source: str | None = None, *, base_unet):
     """Build an SDXL-Lightning UNet: the base UNet's config with the distilled weights loaded.
 
@@ -52,6 +60,22 @@ def sdxl_lightning_unet(source: str | None = None, *, base_unet):
             "sdxl_lightning_unet", str(path), f"checkpoint does not match the SDXL UNet ({len(missing)} missing keys)"
         )
     return unet
+
+
+def sdxl_lightning_lora(source: str | None = None, *, unet) -> None:
+    """Load the SDXL-Lightning LoRA (file, folder holding it, or hub id) into ``unet``, switched off
+    (:func:`bolid.lightning_lora.apply_lightning_lora`)."""
+    from bolid.lightning_lora import apply_lightning_lora
+
+    spec = COMPONENTS["sdxl_lightning_lora"]
+    path = Path(resolve("sdxl_lightning_lora", source))
+    if path.is_dir():
+        path = path / spec.filename
+    if not path.exists():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(_call("sdxl_lightning_lora", str(path), hf_hub_download, str(path), spec.filename))
+    apply_lightning_lora(unet, path)
 
 
 def person_detector(source: str | None = None):
