@@ -101,7 +101,7 @@ def test_datamodule_pairs_never_cross_identities_or_splits(mini_shards):
     train_ids = set(index.identities_in("train"))
     held_out = set(index.identities_in("validation")) | set(index.identities_in("test"))
     assert len(train_ids) >= 10 and held_out and not train_ids & held_out
-    dm = PairDataModule(str(mini_shards), resolution=64, ref_size=64, batch_size=4, num_workers=0, shuffle_buffer=8)
+    dm = PairDataModule(str(mini_shards), resolution=64, batch_size=4, num_workers=0, shuffle_buffer=8)
     dm.setup("fit")
     seen = set()
     for batch in dm.train_dataloader():
