@@ -193,6 +193,16 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             else ""
         ),
         "",
+    ]
+    chance = {d: v for d, v in (record.get("body_sim_chance_level") or {}).items() if v is not None}
+    if chance:
+        lines += [
+            f"Body Sim chance level: {record.get('no_identity_model')} (no identity input) scored against the same "
+            "photos: " + ", ".join(f"{d} {v:.3f}" for d, v in chance.items()) + ". A model keeps the body only as far "
+            "as it scores above this.",
+            "",
+        ]
+    lines += [
         "## Body Sim failures",
         "",
         "| Dataset | Model | pairs | failure rate | no body | no reference body | too few features |",
