@@ -77,7 +77,7 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 	$(PY) -m bench.bench_train_data --write BENCHMARKS.md
 	$(PY) -m bench.bench_bodysim --write BENCHMARKS.md
 
-check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs ~16 GB free)
+check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs 18 GB free)
 	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
 	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
 	@$(if $(filter command line,$(origin REAL_SIZE_STEPS)),,rm -f runs/real_size/figures.json;) status=0; \
