@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Starting the local Ray itself: {ray_start:.1f} s (not in the table). On the tiny kit the models cost"
             " almost nothing, so the gap is the executor's overhead (worker and actor start, model load per actor,"
-            " images pickled to the actors), not what Ray gains on a GPU cluster. GPU figure: to be filled in once"
-            " `make bench-gpu` exists.",
+            " images pickled to the actors), not what Ray gains on a GPU cluster. No GPU figure for the executors yet"
+            " (`make bench-gpu` measures the models, not the executors).",
             "",
             f"Machine: {machine(load, f'ray {ray.__version__}')}",
             "",
