@@ -76,6 +76,7 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 	$(PY) -m bench.bench_crawl --write BENCHMARKS.md
 	$(PY) -m bench.bench_train_data --write BENCHMARKS.md
 	$(PY) -m bench.bench_bodysim --write BENCHMARKS.md
+	$(PY) -m bench.bench_executors --write BENCHMARKS.md
 
 check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs 18 GB free)
 	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
