@@ -40,6 +40,11 @@ class ComponentsConfig:
             )
 
     @property
+    def mini(self) -> bool:
+        """The mini kit (:mod:`bolid.kits.mini`): small components trained on the BoLID-mini world."""
+        return self.kind == "mini"
+
+    @property
     def tiny(self) -> bool:
         return self.kind == "tiny"
 

@@ -327,7 +327,7 @@ class _Batch:
 class _Run:
     """State of one :func:`evaluate` call: output folder, seeds, metrics, manifest."""
 
-    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, faces=None):
+    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, faces=None, body_stats=None):
         self.out, self.prompts, self.s, self.clip = out, list(prompts), s, clip
         self.face_scorer = FaceSimilarity(faces) if faces is not None else None
         self.seeds = [s.seed + k for k in range(s.images_per_prompt)]
@@ -336,6 +336,8 @@ class _Run:
             "min_features": s.body_min_features,
             "failure_score": s.body_failure_score,
         }
+        if body_stats is not None:
+            self.body_kwargs.update(mean=body_stats[0], std=body_stats[1])
         self.scorer = BodySimilarity(pose=pose, **self.body_kwargs)
         self.pose = self.scorer.pose  # one extractor for every dataset and model
         self.manifest = open(out / "images.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed by evaluate
@@ -438,6 +440,7 @@ def evaluate(
     pose=None,
     record: dict | None = None,
     faces=None,
+    body_stats: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[Row]:
     """Generate, save and score every image, then write results.md/.csv/.json and comparison.png.
 
@@ -455,6 +458,8 @@ def evaluate(
         record: extra settings for results.json and results.md (config file, components, command).
         faces: a :class:`bolid.face_id.FaceAnalyzer` (or a callable building one) for the Face Sim column;
             ``None``: no Face Sim.
+        body_stats: ``(mean, std)`` of the 6 proportions for Body Sim's z-scores (default: the real-photo
+            constants of :mod:`bolid.metrics`; the mini kit passes its world's).
 
     Returns:
         One :class:`Row` per (dataset, model).
@@ -475,7 +480,7 @@ def evaluate(
     if no_identity is None or no_identity.uses_identity:
         raise ValueError("CLIP-I needs a model without identity input (kind: base) to compare against")
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, prompts, s, clip, pose, faces)
+    run = _Run(out, prompts, s, clip, pose, faces, body_stats)
     rows: list[Row] = []
     try:
         log.info("generating the no-identity images (%s) for CLIP-I", no_identity.name)

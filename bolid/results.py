@@ -178,10 +178,11 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             cells += [r.metrics[m].cell(digits[m]) if r else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     run = record.get("run", {})
+    pose = (record.get("body_sim") or {}).get("pose", "BlazePose")
     lines += [
         "",
         f"Mean ± 95% CI half-width (percentile bootstrap over identities, {run.get('ci_resamples')} resamples). "
-        "Body Sim: cosine of standardised body proportions (BlazePose), mean over images where a body was found; "
+        f"Body Sim: cosine of standardised body proportions ({pose}), mean over images where a body was found; "
         "CLIP-T: CLIPScore (0-100) with the prompt; CLIP-I: CLIP image cosine with the no-identity image of the "
         f"same prompt and seed (by {record.get('no_identity_model')}, or by a peer's own base model: see "
         "clip_i_reference in the settings; 1 for a base model by definition)."
