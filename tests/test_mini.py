@@ -148,7 +148,9 @@ def body_sim():
     def score(images, reference) -> float:
         from bolid.metrics import BodySimilarity
 
-        metric = BodySimilarity(pose=extractor, mean=mean, std=std, failure_score=0.0)
+        # min_score as configs/eval/mini.yaml: at the default 0.5 the mini models' low heatmap peaks (~0.1-0.25)
+        # leave no keypoint visible, every image scores the failure score and these tests could never pass.
+        metric = BodySimilarity(pose=extractor, mean=mean, std=std, min_score=0.05, failure_score=0.0)
         metric.update(images, [reference] * len(images))
         return float(metric.compute()["body_sim"])
 
