@@ -21,7 +21,6 @@ import operator
 import re
 import types
 import typing
-import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -136,6 +135,9 @@ def _check(cls: type, data: Any, where: str) -> None:
         raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     fields = _fields(cls)
     check_keys(data, fields, where)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in data and f.default is f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{where + ': ' if where else ''}missing key '{f.name}'")
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
         sub = _dataclass_of(fields[key])
@@ -183,11 +185,31 @@ def parse(cls: type[T], data: dict | None, where: str = "") -> T:
             raise ValueError(f"{where or 'config'}: {e}") from None
         name = f"{where}.{key}" if where else key
         raise ValueError(f"{name} must be {describe(annotation)}, got {_value_at(data, key)!r}") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # instantiate_classes is renamed instantiate in newer jsonargparse
-        build = getattr(parser, "instantiate", None) or parser.instantiate_classes
-        built = build(namespace)
-    return cls(**{name: built[name] for name in _fields(cls)})
+    return _build(cls, namespace.as_dict())
+
+
+def _plain(value: Any) -> Any:
+    """Builtin values: jsonargparse's restricted numbers are subclasses made at run time, which do not pickle."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _build(cls: type[T], data: dict) -> T:
+    kwargs = {}
+    for name, annotation in _fields(cls).items():
+        sub = _dataclass_of(annotation)
+        value = data[name]
+        kwargs[name] = _build(sub, value) if sub is not None and isinstance(value, dict) else _plain(value)
+    return cls(**kwargs)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,9 +1,9 @@
 """Settings of ``python -m datapipe build``, read from ``configs/shards/*.yaml``.
 
-Each YAML section maps to one dataclass below; every field is documented on its class and
-checked on construction, and an unknown key is an error naming it (a typo never falls
-back to a default silently). Command-line flags override the YAML (``--components``,
-``--device``, ``--batch-size``, ``--workers``).
+Each YAML section maps to one dataclass below; every field is documented on its class, its type and
+range are its annotation, and :func:`configkit.parse` checks them: an unknown key is an error naming it
+and the closest valid key (a typo never falls back to a default silently). Command-line flags override the
+YAML, checked the same way (``--components``, ``--device``, ``--batch-size``, ``--workers``).
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from bolid.config import ComponentsConfig, check_keys, load_yaml
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+
+import configkit
+from bolid.config import ComponentsConfig
 from bolid.images import MAX_IMAGE_PIXELS
-from datapipe.resize import RESAMPLE
+from configkit import number
 
-
-def _check(cond: bool, key: str, what: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"{key} must be {what}, got {value!r}")
+Resample = Literal["box", "bilinear", "bicubic", "lanczos"]  # the keys of datapipe.resize.RESAMPLE
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,13 @@ class IngestConfig:
             without decoding them; the same default as the crawler's ``max_image_pixels`` (50 MP).
     """
 
-    min_size: int = 1000
-    near_duplicate_distance: int = 6
-    max_pixels: int = MAX_IMAGE_PIXELS
+    min_size: PositiveInt = 1000
+    near_duplicate_distance: number(int, (">=", -1), ("<=", 32)) = 6
+    max_pixels: PositiveInt = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
-        _check(self.min_size >= 1, "ingest.min_size", "a positive number of pixels", self.min_size)
-        _check(self.max_pixels >= self.min_size**2, "ingest.max_pixels", "at least min_size squared", self.max_pixels)
-        _check(
-            -1 <= self.near_duplicate_distance <= 32,
-            "ingest.near_duplicate_distance",
-            "in [-1, 32]",
-            self.near_duplicate_distance,
-        )
+        if self.max_pixels < self.min_size**2:
+            raise ValueError(f"ingest.max_pixels must be at least min_size squared, got {self.max_pixels!r}")
 
 
 @dataclass(frozen=True)
@@ -69,22 +63,13 @@ class PoseConfig:
         batch_size: images per model batch.
     """
 
-    backend: str = "vitpose"
-    threshold: float = 0.5
-    max_persons: int = 1
-    prominent_area: float = 0.25
-    keypoint_score: float = 0.3
-    min_body_keypoints: int = 6
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _check(self.backend in ("vitpose", "blazepose"), "pose.backend", "'vitpose' or 'blazepose'", self.backend)
-        _check(0.0 <= self.threshold <= 1.0, "pose.threshold", "in [0, 1]", self.threshold)
-        _check(self.max_persons >= 1, "pose.max_persons", ">= 1", self.max_persons)
-        _check(0.0 < self.prominent_area <= 1.0, "pose.prominent_area", "in (0, 1]", self.prominent_area)
-        _check(0.0 <= self.keypoint_score <= 1.0, "pose.keypoint_score", "in [0, 1]", self.keypoint_score)
-        _check(0 <= self.min_body_keypoints <= 12, "pose.min_body_keypoints", "in [0, 12]", self.min_body_keypoints)
-        _check(self.batch_size >= 1, "pose.batch_size", ">= 1", self.batch_size)
+    backend: Literal["vitpose", "blazepose"] = "vitpose"
+    threshold: ClosedUnitInterval = 0.5
+    max_persons: PositiveInt = 1
+    prominent_area: number(float, (">", 0), ("<=", 1)) = 0.25
+    keypoint_score: ClosedUnitInterval = 0.3
+    min_body_keypoints: number(int, (">=", 0), ("<=", 12)) = 6
+    batch_size: PositiveInt = 8
 
 
 @dataclass(frozen=True)
@@ -100,15 +85,9 @@ class CaptionConfig:
     """
 
     prompt: str = "a photo of"
-    max_length: int = 40
-    num_beams: int = 1
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _check(isinstance(self.prompt, str), "caption.prompt", "a string", self.prompt)
-        _check(self.max_length >= 1, "caption.max_length", ">= 1", self.max_length)
-        _check(self.num_beams >= 1, "caption.num_beams", ">= 1", self.num_beams)
-        _check(self.batch_size >= 1, "caption.batch_size", ">= 1", self.batch_size)
+    max_length: PositiveInt = 40
+    num_beams: PositiveInt = 1
+    batch_size: PositiveInt = 8
 
 
 @dataclass(frozen=True)
@@ -119,10 +98,7 @@ class IdentitiesConfig:
         min_photos: drop identities with fewer accepted images than this (100 in the BoLID paper).
     """
 
-    min_photos: int = 100
-
-    def __post_init__(self):
-        _check(self.min_photos >= 1, "identities.min_photos", ">= 1", self.min_photos)
+    min_photos: PositiveInt = 100
 
 
 @dataclass(frozen=True)
@@ -135,14 +111,12 @@ class SplitConfig:
             non-zero fraction gets at least one.
     """
 
-    validation: float = 0.05
-    test: float = 0.05
+    validation: number(float, (">=", 0), ("<", 1)) = 0.05
+    test: number(float, (">=", 0), ("<", 1)) = 0.05
 
     def __post_init__(self):
-        for key in ("validation", "test"):
-            v = getattr(self, key)
-            _check(0.0 <= v < 1.0, f"split.{key}", "in [0, 1)", v)
-        _check(self.validation + self.test < 1.0, "split.validation + split.test", "< 1", self.validation + self.test)
+        if self.validation + self.test >= 1.0:
+            raise ValueError(f"split.validation + split.test must be < 1, got {self.validation + self.test!r}")
 
 
 @dataclass(frozen=True)
@@ -156,31 +130,15 @@ class ShardsConfig:
         samples_per_shard: maximum samples per shard (~300 KB each at 1024 px).
     """
 
-    resolution: int = 1024
-    quality: int = 95
-    resample: str = "bilinear"
-    samples_per_shard: int = 1000
-
-    def __post_init__(self):
-        _check(self.resolution >= 16, "shards.resolution", ">= 16", self.resolution)
-        _check(1 <= self.quality <= 100, "shards.quality", "in [1, 100]", self.quality)
-        _check(self.resample in RESAMPLE, "shards.resample", f"one of {sorted(RESAMPLE)}", self.resample)
-        _check(self.samples_per_shard >= 1, "shards.samples_per_shard", ">= 1", self.samples_per_shard)
+    resolution: number(int, (">=", 16)) = 1024
+    quality: number(int, (">=", 1), ("<=", 100)) = 95
+    resample: Resample = "bilinear"
+    samples_per_shard: PositiveInt = 1000
 
     @property
     def tag(self) -> str:
         """Names the stored-image settings (cache folder, model fingerprints)."""
         return f"r{self.resolution}-q{self.quality}-{self.resample}"
-
-
-_SECTIONS = {
-    "ingest": IngestConfig,
-    "pose": PoseConfig,
-    "caption": CaptionConfig,
-    "identities": IdentitiesConfig,
-    "split": SplitConfig,
-    "shards": ShardsConfig,
-}
 
 
 @dataclass(frozen=True)
@@ -197,23 +155,14 @@ class BuildConfig:
 
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     device: str = "auto"
-    dtype: str = "auto"
-    workers: int = -1
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    workers: number(int, (">=", -1)) = -1
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pose: PoseConfig = field(default_factory=PoseConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     identities: IdentitiesConfig = field(default_factory=IdentitiesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
-
-    def __post_init__(self):
-        _check(
-            self.dtype in ("auto", "float32", "float16", "bfloat16"),
-            "dtype",
-            "auto, float32, float16 or bfloat16",
-            self.dtype,
-        )
-        _check(isinstance(self.workers, int) and self.workers >= -1, "workers", "auto or an int >= 0", self.workers)
 
     @property
     def num_workers(self) -> int:
@@ -236,47 +185,37 @@ class BuildConfig:
         return getattr(torch, self.dtype)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> BuildConfig:
-        """Build from a parsed YAML mapping; unknown keys raise ``ValueError`` naming them."""
-        top = {"components", "device", "dtype", "workers", *_SECTIONS}
-        check_keys(data, top, where)
-        kwargs: dict[str, Any] = {}
-        for name, klass in _SECTIONS.items():
-            section = data.get(name) or {}
-            if not isinstance(section, dict):
-                raise ValueError(f"{name} must be a mapping, got {type(section).__name__}")
-            check_keys(section, {f.name for f in dataclasses.fields(klass)}, name)
-            kwargs[name] = klass(**section)
-        workers = data.get("workers", "auto")
-        kwargs["workers"] = -1 if workers == "auto" else workers
-        return cls(
-            components=ComponentsConfig.parse(data.get("components", "real")),
-            device=str(data.get("device", "auto")),
-            dtype=str(data.get("dtype", "auto")),
-            **kwargs,
-        )
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> BuildConfig:
+        """Build from a parsed YAML mapping (:func:`configkit.parse`: unknown keys, types and ranges are checked).
+
+        ``components`` may be a kit name or a mapping (:meth:`ComponentsConfig.parse`); ``workers: auto`` is -1."""
+        data = dict(data)
+        components = ComponentsConfig.parse(data.pop("components", "real"))
+        if data.get("workers") == "auto":
+            data["workers"] = -1
+        for name in ("ingest", "pose", "caption", "identities", "split", "shards"):
+            if data.get(name, {}) is None:  # an empty section in YAML
+                data[name] = {}
+        config = configkit.parse(cls, data, where)
+        return dataclasses.replace(config, components=components)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BuildConfig:
         try:
-            return cls.from_dict(load_yaml(path))
+            return cls.from_dict(configkit.load_yaml(path))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> BuildConfig:
-        """A copy with top-level fields or ``section__field`` entries replaced (``None`` values ignored)."""
-        top: dict[str, Any] = {}
-        sections: dict[str, dict[str, Any]] = {}
+        """A copy with top-level fields or ``section__field`` entries replaced (``None`` values ignored), checked
+        like the YAML (command-line flags go through here)."""
+        data = dataclasses.asdict(self)
         for key, value in changes.items():
             if value is None:
                 continue
             if "__" in key:
                 section, name = key.split("__", 1)
-                sections.setdefault(section, {})[name] = value
+                data.setdefault(section, {})[name] = value
             else:
-                top[key] = value
-        for section, fields in sections.items():
-            top[section] = dataclasses.replace(getattr(self, section), **fields)
-        if "components" in top:
-            top["components"] = ComponentsConfig.parse(top["components"])
-        return dataclasses.replace(self, **top)
+                data[key] = value
+        return type(self).from_dict(data)
