@@ -70,7 +70,7 @@ def describe(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple):
         return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    if origin is dict:
+    if origin is dict or annotation is dict:
         return "a mapping"
     if annotation is bool:
         return "true or false"
