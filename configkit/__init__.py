@@ -4,7 +4,8 @@
 The types are jsonargparse's (``PositiveInt``, ``ClosedUnitInterval``, :func:`number`, ``Literal[...]``), and
 jsonargparse does the type and range checking. This thin layer adds what every config of the project wants on top:
 
-- an unknown key is an error that names it, its file, the closest valid key ("did you mean") and all valid keys;
+- an unknown key is an error that names it, its file, the closest valid key ("did you mean") and all valid keys
+  (:func:`did_you_mean` adds the hint to the errors of a jsonargparse parser, e.g. LightningCLI's);
 - a string is not silently converted to a number or a boolean (``min_width: "1000"``, ``autothrottle: "yes"``);
 - every error is a ``ValueError`` of the form ``<file>: <section.key> must be <what is valid>, got <value>``.
 
@@ -28,7 +29,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import restricted_number_type
 
-__all__ = ["ConfigError", "check_keys", "load_yaml", "number", "parse", "parse_yaml"]
+__all__ = ["ConfigError", "check_keys", "did_you_mean", "load_yaml", "number", "parse", "parse_yaml", "parser_keys"]
 
 T = TypeVar("T")
 
@@ -116,6 +117,43 @@ def check_keys(data: dict, allowed, where: str = "") -> None:
             close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
             hints.append(f"{dot}{key}" + (f" (did you mean {dot}{close[0]}?)" if close else ""))
         raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid: {', '.join(sorted(map(str, allowed)))}")
+
+
+_UNKNOWN = (
+    re.compile(r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Key '(?P<key>[^']+)' is not expected"),
+    re.compile(r"(?i)unrecognized arguments: --(?P<key>[\w.-]+)"),
+)
+
+
+def parser_keys(parser: Any) -> set[str]:
+    """Every dotted key of a jsonargparse parser and its subcommands' parsers (``model.lr``, ``trainer.max_steps``)."""
+    keys: set[str] = set()
+    for action in getattr(parser, "_actions", []):
+        if isinstance(getattr(action, "choices", None), dict):
+            for sub in action.choices.values():
+                if isinstance(sub, ArgumentParser):
+                    keys |= parser_keys(sub)
+        if isinstance(action.dest, str) and action.dest not in ("help", "config", "==SUPPRESS=="):
+            keys.add(action.dest)
+    return keys
+
+
+def did_you_mean(message: str, keys: set[str]) -> str:
+    """``message`` (a jsonargparse "not accepted" error) with the closest valid key appended, when there is one."""
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if not match:
+            continue
+        key = match.group("key").replace("-", "_")
+        if "group" in match.groupdict():
+            key = f"{match.group('group')}.{key}"
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = sorted(k for k in keys if k.rsplit(".", 1)[0] == parent) if parent else sorted(keys)
+        close = difflib.get_close_matches(key, siblings, n=1)
+        if close:
+            return f"{message.rstrip()} (did you mean {close[0]}?)"
+    return message
 
 
 def _admits_str(annotation: Any) -> bool:
