@@ -50,7 +50,7 @@ def make_shards(root: Path, identities: int, photos: int, size: tuple[int, int])
 def loader_rate(shards: Path, workers: int, resolution: int, batch: int, repeats: int) -> float:
     from bolid.train.datamodule import PairDataModule
 
-    dm = PairDataModule(str(shards), resolution=resolution, ref_size=resolution, batch_size=batch, num_workers=workers)
+    dm = PairDataModule(str(shards), resolution=resolution, crop_size=336, batch_size=batch, num_workers=workers)
     dm.setup("fit")
     rates = []
     for epoch in range(repeats):
@@ -74,8 +74,8 @@ def step_rate(shards: Path, resolution: int, batch: int, steps: int) -> float:
         components="tiny", stage=2, w_id=0.3, w_clip=0.1, lightning_steps=2, grad_steps=1, branch_resolution=resolution
     )
     opt = torch.optim.AdamW(module.adapter.trainable_parameters(), lr=1e-4)
-    ds = PairDataset.from_index(read_index(shards), "train", train=True, resolution=resolution, ref_size=resolution,
-                                batch_size=batch)  # fmt: skip
+    ds = PairDataset.from_index(read_index(shards), "train", train=True, resolution=resolution,
+                                crop_size=module.adapter.image_encoder.image_size, batch_size=batch)  # fmt: skip
     data = next(iter(ds))
     times = []
     for i in range(steps + 2):

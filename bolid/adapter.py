@@ -65,11 +65,12 @@ from bolid.attention import (  # noqa: F401 - face_masks and LowRankLinear are p
     linear_weight,
 )
 from bolid.body import BODY_INDICES
-from bolid.body_encoder import BodyIDEncoder, gaussian_keypoint_weights, keypoints_to_box, person_boxes, weight_pixels
+from bolid.body_encoder import BodyIDEncoder, gaussian_keypoint_weights, weight_pixels
+from bolid.crops import ReferenceCrops, crop_reference
 from bolid.embeds import IdentityEmbeds
-from bolid.face_encoder import FaceEncoder, face_boxes
+from bolid.face_encoder import FaceEncoder
 from bolid.files import atomic_write
-from bolid.image_encoder import ClipImageEncoder, crop_boxes
+from bolid.image_encoder import ClipImageEncoder
 from configkit import number
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -336,27 +337,30 @@ class BodyConditionModule(nn.Module):
             boxes: optional ``(B, 4)`` person boxes xyxy (the detector's); by default the visible keypoints'
                 extent.
         """
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or keypoints.shape != (pixels.shape[0], 17, 3):
-            raise ValueError(
-                f"expected pixels (B, 3, H, W) and keypoints (B, 17, 3), got {tuple(pixels.shape)} "
-                f"and {tuple(keypoints.shape)}"
-            )
-        cfg, n, size = self.config, pixels.shape[0], self.image_encoder.image_size
-        keypoints = keypoints.float()
-        pixels = pixels.float()
-        fboxes, visible = face_boxes(keypoints, cfg.min_score)
+        crops = crop_reference(pixels, keypoints, boxes, self.image_encoder.image_size, self.config.min_score)
+        return self.encode_crops(crops, face_visible)
+
+    def encode_crops(self, crops: ReferenceCrops, face_visible: torch.Tensor | None = None) -> IdentityEmbeds:
+        """Face and body vectors from the face and person crops (:mod:`bolid.crops`; training and inference).
+
+        Args:
+            crops: the references' crops, at the image encoder's input size.
+            face_visible: as in :meth:`encode`.
+        """
+        cfg, n = self.config, crops.face.shape[0]
+        visible = crops.face_visible.to(torch.bool)
         if face_visible is not None:
             visible = visible & face_visible.to(visible.device, torch.bool)
-        crops = [crop_boxes(pixels, fboxes, size)]
-        pboxes = person_boxes(keypoints, tuple(pixels.shape[-2:]), boxes, min_score=cfg.min_score)
-        body_kp = keypoints_to_box(keypoints, pboxes, size)
+        images = [crops.face.float()]
+        body_kp = crops.keypoints.float()
         if cfg.appearance:
+            side = crops.person.shape[-1]  # the keypoints are in these crop pixels
             weights = gaussian_keypoint_weights(
-                body_kp[:, list(BODY_INDICES)], (size, size), cfg.sigma * size, cfg.min_score
+                body_kp[:, list(BODY_INDICES)], (side, side), cfg.sigma * side, cfg.min_score
             )
-            crops.append(weight_pixels(crop_boxes(pixels, pboxes, size), weights, cfg.alpha))
+            images.append(weight_pixels(crops.person.float(), weights, cfg.alpha))
         with torch.no_grad():
-            clip = self.image_encoder(torch.cat(crops))  # (B or 2B, E): face crops, then person crops
+            clip = self.image_encoder(torch.cat(images))  # (B or 2B, E): face crops, then person crops
         face = self.face_encoder(clip[:n]) * visible[:, None].to(clip.dtype)
         body = self.body_encoder(body_kp, clip[n:] if cfg.appearance else None)
         return IdentityEmbeds(face, body, visible)

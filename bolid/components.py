@@ -91,6 +91,14 @@ COMPONENTS: dict[str, ComponentSpec] = {
             filename="sdxl_lightning_4step_unet.safetensors",
         ),
         ComponentSpec(
+            "sdxl_lightning_lora",
+            "ByteDance/SDXL-Lightning",
+            "diffusers",
+            "SDXL-Lightning as a LoRA on the SDXL base UNet (training: one resident UNet instead of two)",
+            "the file sdxl_lightning_4step_lora.safetensors, or a folder holding it",
+            filename="sdxl_lightning_4step_lora.safetensors",
+        ),
+        ComponentSpec(
             "person_detector",
             "PekingU/rtdetr_r50vd_coco_o365",
             "transformers",
@@ -299,12 +307,12 @@ def load(name: str, kit: Any = "real", source: str | None = None, **kwargs):
     """Component ``name`` from ``kit``: ``kit.<name>(source, **kwargs)`` (builder contract: :mod:`bolid.kits`).
 
     Args:
-        name: a key of :data:`COMPONENTS` (``sdxl``, ``sdxl_lightning_unet``, ``person_detector``, ``vitpose``,
-            ``blip2``, ``eva_clip``, ``clip``).
+        name: a key of :data:`COMPONENTS` (``sdxl``, ``sdxl_lightning_unet``, ``sdxl_lightning_lora``,
+            ``person_detector``, ``vitpose``, ``blip2``, ``eva_clip``, ``clip``).
         kit: a kit name (:data:`KITS`), a kit module, or a :class:`bolid.config.ComponentsConfig` (its ``kind``,
             and its override for ``name`` when ``source`` is not given).
         source: hub id or local path for kits that load weights; kits built in-process ignore it.
-        kwargs: the builder's own options (``torch_dtype``, ``base_unet``, ``pretrained``).
+        kwargs: the builder's own options (``torch_dtype``, ``base_unet``, ``unet``, ``pretrained``).
 
     Raises:
         ValueError: an unknown component or kit, or a kit without a builder for ``name``.

@@ -16,9 +16,11 @@ The target is resized (short side to ``resolution``) and cropped (random or cent
 SDXL's size/crop conditioning is computed for it as SDXL was trained: ``time_ids = (orig_h, orig_w,
 crop_top, crop_left, target_h, target_w)``, with the *original* size of the photo before any resizing,
 and the crop's top-left corner in the resized image (mirrored for a horizontal flip, as the diffusers
-SDXL training scripts do). The reference is letterboxed into a ``ref_size`` square; its keypoints and
-box are mapped into that square's pixels, which is what :meth:`bolid.adapter.BodyConditionModule.encode`
-takes.
+SDXL training scripts do). The reference's face and person crops are cut from the *stored* image at the
+resolution inference uses, by the same function inference calls (:func:`bolid.crops.reference_crops`), at the
+image encoder's input size ``crop_size``; the batch holds ``ref_face``, ``ref_person``, ``ref_keypoints`` (in
+person-crop pixels), ``ref_face_visible`` (see :func:`batch_crops`) and ``ref_image``, the whole reference
+letterboxed into a ``crop_size`` square (for the EVA-CLIP image loss and the sample grid).
 
 DDP: shards are split by node and by worker, and every rank's epoch is cut to the same number of
 batches with ``with_epoch`` so ranks stay in step. With ``resampled=True`` shards are drawn with
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from bolid.crops import ReferenceCrops, reference_crops
 
 log = logging.getLogger(__name__)
 
@@ -217,25 +221,42 @@ def _decode(sample: dict) -> dict:
 
 
 def to_training_pair(
-    ref: dict, target: dict, resolution: int, ref_size: int, random_crop: bool, flip: bool, rng: random.Random
+    ref: dict,
+    target: dict,
+    resolution: int,
+    crop_size: int,
+    random_crop: bool,
+    flip: bool,
+    rng: random.Random,
+    min_score: float = 0.3,
 ) -> dict:
     """One training example from a decoded (reference, target) pair; see the module docstring for the fields."""
     tmeta, rmeta = target["meta"], ref["meta"]
     original = (tmeta.original_height, tmeta.original_width)
     pixels, crop = resize_and_crop(target["image"], resolution, original, random_crop, flip, rng)
-    ref_pixels, ref_kp, ref_box = letterbox(ref["image"], rmeta.keypoints_array(), np.asarray(rmeta.box), ref_size)
+    keypoints = rmeta.keypoints_array()
+    # The face and person crops come from the stored image at full resolution, through the function inference uses.
+    crops = reference_crops(ref["image"], keypoints, np.asarray(rmeta.box), crop_size, min_score)
+    ref_image, _, _ = letterbox(ref["image"], keypoints, None, crop_size)
     return {
         "pixels": pixels,
         "time_ids": crop.time_ids(),
         "flip": torch.tensor(flip),
         "caption": tmeta.caption,
-        "ref_pixels": ref_pixels,
-        "ref_keypoints": ref_kp,
-        "ref_box": ref_box,
+        "ref_face": crops.face[0],
+        "ref_person": crops.person[0],
+        "ref_keypoints": crops.keypoints[0],
+        "ref_face_visible": crops.face_visible[0],
+        "ref_image": ref_image,
         "identity": target["identity"],
         "key": target["__key__"],
         "ref_key": ref["__key__"],
     }
+
+
+def batch_crops(batch: dict) -> ReferenceCrops:
+    """The references' :class:`bolid.crops.ReferenceCrops` of a collated batch."""
+    return ReferenceCrops(batch["ref_face"], batch["ref_person"], batch["ref_keypoints"], batch["ref_face_visible"])
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -263,7 +284,7 @@ class PairDataset(torch.utils.data.IterableDataset):
         num_identities: int,
         train: bool,
         resolution: int,
-        ref_size: int,
+        crop_size: int,
         batch_size: int,
         seed: int = 0,
         resampled: bool = False,
@@ -272,11 +293,13 @@ class PairDataset(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 256,
         world_size: int = 1,
         epoch_pairs: int | None = None,
+        min_score: float = 0.3,
     ):
         super().__init__()
         self.shards, self.identities = list(shards), set(identities)
         self.num_samples, self.num_identities = num_samples, num_identities
-        self.train, self.resolution, self.ref_size, self.batch_size = train, resolution, ref_size, batch_size
+        self.train, self.resolution, self.batch_size = train, resolution, batch_size
+        self.crop_size, self.min_score = crop_size, min_score
         self.seed, self.resampled, self.random_crop, self.random_flip = seed, resampled, random_crop, random_flip
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.world_size = world_size
@@ -369,7 +392,11 @@ class PairDataset(torch.utils.data.IterableDataset):
         produced = 0
         for ref, target in pairs:
             flip = self.random_flip and rng.random() < 0.5
-            batch.append(to_training_pair(ref, target, self.resolution, self.ref_size, self.random_crop, flip, rng))
+            batch.append(
+                to_training_pair(
+                    ref, target, self.resolution, self.crop_size, self.random_crop, flip, rng, self.min_score
+                )
+            )
             if len(batch) == self.batch_size:
                 if produced >= skip:  # a skipped batch is still drawn, so the RNG stream stays the same
                     yield collate_pairs(batch)

@@ -11,7 +11,8 @@ The objective follows the paper draft (``L = L_diff + α_id·L_id + β_clip·L_c
   (:mod:`bolid.body`) of the generated and reference persons, masked to features visible in both;
   an optional keypoint-position term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves
   same-pose training.
-* ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`).
+* ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`), and optionally its image
+  half ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(reference))`` (:meth:`ClipTextLoss.image_loss`, weighted apart).
 
 ViTPose-in-the-loss is PuLID's recipe with a body model; evaluation deliberately uses a *different*
 pose model (BlazePose, :mod:`bolid.metrics`) so that the metric cannot be gamed by the loss.
@@ -59,50 +60,104 @@ def soft_argmax(heatmaps: torch.Tensor, beta: float = 50.0) -> tuple[torch.Tenso
     return torch.stack([x, y], -1), flat.amax(-1)
 
 
-class DifferentiablePose(nn.Module):
-    """ViTPose on generated images, end to end differentiable: pixels -> heatmaps -> soft-argmax keypoints.
+def pose_input_boxes(boxes: torch.Tensor, input_hw: tuple[int, int], padding: float = 1.25) -> torch.Tensor:
+    """The image region ViTPose reads for a person box, as its image processor frames it.
 
-    The whole image is taken as the person box (the Lightning branch generates one person), padded
-    to ViTPose's 3:4 input aspect as its own processor does, normalised with the processor's mean/std.
+    Like transformers' ``VitPoseImageProcessor`` (``box_to_center_and_scale``): the box keeps its centre, grows to
+    the model's input aspect ratio (``w / h = in_w / in_h``) along its short side, then by ``padding`` on both.
+
+    Args:
+        boxes: ``(B, 4)`` person boxes xyxy in pixels.
+        input_hw: the model's ``(height, width)`` input size (ViTPose: 256 x 192).
+        padding: ViTPose's box padding factor.
+
+    Returns:
+        ``(B, 4)`` regions xyxy in pixels (they may extend beyond the image).
+    """
+    in_h, in_w = input_hw
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    aspect = in_w / in_h
+    w, h = torch.maximum(w, h * aspect), torch.maximum(h, w / aspect)
+    half = torch.stack([w, h], 1) * padding / 2  # (B, 2)
+    return torch.cat([centre - half, centre + half], 1)
+
+
+class DifferentiablePose(nn.Module):
+    """ViTPose on generated images, end to end differentiable: pixels -> person crop -> heatmaps -> keypoints.
+
+    ViTPose is top-down: it reads one person box, padded 1.25x to its 3:4 input (:func:`pose_input_boxes`). The
+    box is found without gradient, by :meth:`locate`: a first ViTPose pass over the whole frame, then the extent
+    of its confident keypoints grown by 15% (joints stop short of the head top and the feet). A detector would
+    do the same job at the cost of one more model in memory; the whole-frame pass is coarse but only has to
+    frame the person. The crop itself is differentiable (torchvision's ``roi_align``, antialiased), so a
+    full-body person at 1024 px reaches ViTPose at its native 256 x 192 instead of as 10-20 px limbs, and the
+    soft-argmax keypoints are mapped back to image pixels.
 
     Args:
         model: a frozen ``VitPoseForPoseEstimation``.
         processor: its ``VitPoseImageProcessor`` (input size, mean, std).
         beta: soft-argmax temperature.
+        min_score: keypoints of the whole-frame pass below this do not frame the person.
+        padding: ViTPose's box padding factor.
     """
 
-    def __init__(self, model: nn.Module, processor, beta: float = 50.0):
+    def __init__(self, model: nn.Module, processor, beta: float = 50.0, min_score: float = 0.3, padding: float = 1.25):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         size = processor.size
         self.input_hw = (int(size["height"]), int(size["width"]))
         self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
-        self.beta = beta
+        self.beta, self.min_score, self.padding = beta, min_score, padding
 
     def train(self, mode: bool = True) -> DifferentiablePose:
         return super().train(False)  # frozen model: always eval mode
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` images in ``[-1, 1]`` -> keypoints ``(B, 17, 3)`` (x, y, confidence) in image pixels."""
+    @torch.no_grad()
+    def locate(self, images: torch.Tensor) -> torch.Tensor:
+        """Person boxes ``(B, 4)`` xyxy, without gradient; the whole frame where fewer than 2 keypoints are sure."""
         _, _, h, w = images.shape
+        whole = torch.tensor([[0.0, 0.0, float(w), float(h)]], device=images.device).expand(images.shape[0], 4)
+        kp = self.forward(images, whole)
+        vis = kp[..., 2] >= self.min_score  # (B, 17)
+        big = torch.finfo(kp.dtype).max
+        lo = torch.where(vis[..., None], kp[..., :2], torch.full_like(kp[..., :2], big)).amin(1)  # (B, 2)
+        hi = torch.where(vis[..., None], kp[..., :2], torch.full_like(kp[..., :2], -big)).amax(1)
+        centre, half = (lo + hi) / 2, (hi - lo).clamp(min=1.0) * 1.15 / 2
+        boxes = torch.cat([centre - half, centre + half], 1)
+        return torch.where((vis.sum(1) >= 2)[:, None], boxes, whole)
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` images in ``[-1, 1]`` -> keypoints ``(B, 17, 3)`` (x, y, confidence) in image pixels.
+
+        Args:
+            images: the generated images.
+            boxes: ``(B, 4)`` person boxes xyxy in pixels; found by :meth:`locate` when ``None``.
+        """
+        from torchvision.ops import roi_align
+
+        if boxes is None:
+            boxes = self.locate(images)
         in_h, in_w = self.input_hw
-        # Pad to the model's aspect (w/h = in_w/in_h) around the centre, as the processor's box padding does.
-        target_w = max(w, round(h * in_w / in_h))
-        target_h = max(h, round(w * in_h / in_w))
-        pad_x, pad_y = (target_w - w) // 2, (target_h - h) // 2
+        regions = pose_input_boxes(boxes.float().detach(), self.input_hw, self.padding)  # (B, 4)
         x = (images.float() + 1) / 2
-        x = F.pad(x, (pad_x, target_w - w - pad_x, pad_y, target_h - h - pad_y))
-        x = F.interpolate(x, size=(in_h, in_w), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+        index = torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None]
+        x = roi_align(
+            x, torch.cat([index, regions], 1), (in_h, in_w), spatial_scale=1.0, sampling_ratio=-1, aligned=True
+        )
+        x = (x - self.mean) / self.std  # outside the image: black before normalisation, as the processor pads
         dtype = next(self.model.parameters()).dtype
         heatmaps = self.model(pixel_values=x.to(dtype)).heatmaps  # (B, 17, in_h/4, in_w/4)
         coords, conf = soft_argmax(heatmaps, self.beta)
         hm_h, hm_w = heatmaps.shape[-2:]
-        # Heatmap pixel centres -> padded-image pixels -> original image pixels.
-        px = (coords[..., 0] + 0.5) * (target_w / hm_w) - pad_x
-        py = (coords[..., 1] + 0.5) * (target_h / hm_h) - pad_y
-        return torch.stack([px, py, conf.to(px.dtype)], -1)
+        # Heatmap pixel centres -> crop pixels -> image pixels (continuous: pixel i spans [i, i + 1)).
+        size = (regions[:, 2:] - regions[:, :2])[:, None]  # (B, 1, 2)
+        xy = (coords + 0.5) * size / torch.tensor([hm_w, hm_h], device=x.device, dtype=coords.dtype) + regions[
+            :, None, :2
+        ]
+        return torch.cat([xy, conf.to(xy.dtype)[..., None]], -1)
 
 
 def body_identity_loss(
@@ -167,3 +222,15 @@ class ClipTextLoss(nn.Module):
         with torch.no_grad():
             txt = self.model.encode_text(self.tokenizer(captions).to(images.device)).float()
         return (1 - F.cosine_similarity(img, txt, dim=-1)).mean()
+
+    def image_loss(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """The image half of ``L_clip``: mean ``1 − cos(EVA-CLIP(generated), EVA-CLIP(reference))``.
+
+        Args:
+            images: ``(B, 3, H, W)`` generated images in ``[-1, 1]`` (differentiable).
+            references: ``(B, 3, h, w)`` reference photos in ``[0, 1]`` (no gradient).
+        """
+        img = self.image_encoder((images.float() + 1) / 2).float()
+        with torch.no_grad():
+            ref = self.image_encoder(references.float()).float()
+        return (1 - F.cosine_similarity(img, ref, dim=-1)).mean()

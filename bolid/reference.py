@@ -11,7 +11,8 @@ A :class:`Reference` is one photo and the person in it that BoLID conditions on,
 :func:`encode_references` combines several references of one person by the **mean of their embedding
 vectors**, per modality (:meth:`bolid.adapter.IdentityEmbeds.mean`): the face vector averages the
 references whose face is visible, the body vector averages all of them. The result is one face vector
-and one body vector, i.e. the same number of tokens as a single reference.
+and one body vector, i.e. the same number of tokens as a single reference. The face and person crops come
+from :func:`bolid.crops.reference_crops`, the function the training data loader uses too.
 """
 
 from __future__ import annotations
@@ -21,18 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from bolid.adapter import BodyConditionModule, IdentityEmbeds
+from bolid.crops import MAX_REFERENCE_SIDE, ReferenceCrops, reference_crops
 from bolid.images import load_image
 from bolid.pose import Person, PoseExtractor
 
 log = logging.getLogger(__name__)
 
-#: References are scaled down to at most this many pixels on the longer side before cropping.
-MAX_REFERENCE_SIDE = 2048
 
 
 class NoPersonError(ValueError):
@@ -52,20 +51,10 @@ class Reference:
     def face_visible(self) -> bool:
         return self.person.face_box() is not None
 
-    def tensors(self, max_side: int = MAX_REFERENCE_SIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``pixels (1, 3, H, W)`` in ``[0, 1]``, ``keypoints (1, 17, 3)`` and ``box (1, 4)`` in those pixels.
-
-        Images larger than ``max_side`` are scaled down first (keypoints and box with them).
-        """
-        image = self.image
-        scale = min(1.0, max_side / max(image.size))
-        if scale < 1.0:
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        keypoints = torch.from_numpy(self.person.keypoints.astype(np.float32)).clone()[None]
-        keypoints[..., :2] *= scale
-        box = torch.from_numpy(self.person.box.astype(np.float32))[None] * scale
-        return pixels, keypoints, box
+    def crops(self, size: int, min_score: float = 0.3, max_side: int = MAX_REFERENCE_SIDE) -> ReferenceCrops:
+        """Face and person crops at the encoder's ``size``, cut by :func:`bolid.crops.reference_crops`, the
+        function the training data loader uses too."""
+        return reference_crops(self.image, self.person.keypoints, self.person.box, size, min_score, max_side)
 
     def to_dict(self) -> dict:
         return {
@@ -129,11 +118,11 @@ def encode_references(adapter: BodyConditionModule, references: Sequence[Referen
     if not references:
         raise ValueError("at least one reference is needed")
     device = adapter.device
+    size, min_score = adapter.image_encoder.image_size, adapter.config.min_score
     rows = []
     with torch.no_grad():
         for ref in references:  # one at a time: references differ in size
-            pixels, keypoints, box = ref.tensors()
-            rows.append(adapter.encode(pixels.to(device), keypoints.to(device), boxes=box.to(device)))
+            rows.append(adapter.encode_crops(ref.crops(size, min_score).to(device)))
     stacked = IdentityEmbeds(
         torch.cat([r.face for r in rows]), torch.cat([r.body for r in rows]), torch.cat([r.face_visible for r in rows])
     )

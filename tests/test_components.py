@@ -20,7 +20,7 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(comp.COMPONENTS))
 def test_offline_missing_weights_fail_fast_with_a_clear_message(offline, name):
-    kwargs = {"sdxl_lightning_unet": {"base_unet": None}}.get(name, {})
+    kwargs = {"sdxl_lightning_unet": {"base_unet": None}, "sdxl_lightning_lora": {"unet": None}}.get(name, {})
     with pytest.raises(comp.MissingWeightsError) as info:
         comp.load(name, "real", **kwargs)
     msg = str(info.value)

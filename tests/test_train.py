@@ -28,7 +28,7 @@ def _batch(shards: Path, split: str = "train", batch_size: int = 2) -> dict:
     from bolid.shards import read_index
 
     ds = PairDataset.from_index(
-        read_index(shards), split, train=False, resolution=64, ref_size=64, batch_size=batch_size
+        read_index(shards), split, train=False, resolution=64, crop_size=32, batch_size=batch_size
     )
     return next(iter(ds))
 
@@ -49,7 +49,7 @@ def test_pairs_never_self_and_never_cross_identities():
 def test_resampled_stream_never_pairs_a_photo_with_itself(tiny_shards):
     from bolid.shards import read_index
 
-    ds = PairDataset.from_index(read_index(tiny_shards), "train", train=True, resolution=64, ref_size=64,
+    ds = PairDataset.from_index(read_index(tiny_shards), "train", train=True, resolution=64, crop_size=32,
                                 batch_size=1, resampled=True, epoch_pairs=300)  # fmt: skip
     pairs = [(b["key"][0], b["ref_key"][0]) for b in ds]
     assert len(pairs) == 300  # drawn with replacement: the same shard often comes twice in a row
@@ -60,7 +60,7 @@ def test_shard_stream_pairs_each_sample_once_per_epoch(tiny_shards):
     from bolid.shards import read_index
 
     index = read_index(tiny_shards)
-    ds = PairDataset.from_index(index, "train", train=True, resolution=64, ref_size=64, batch_size=1, shuffle_buffer=4)
+    ds = PairDataset.from_index(index, "train", train=True, resolution=64, crop_size=32, batch_size=1, shuffle_buffer=4)
     keys, refs = [], []
     for batch in ds:
         assert batch["identity"][0] == batch["key"][0].split("_")[0].replace("-", "-")
@@ -140,7 +140,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_shards):
         module.adapter.trainable_parameters()[0].fill_(float("nan"))
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
-    dm = PairDataModule(str(tiny_shards), resolution=64, ref_size=64, batch_size=2, num_workers=0)
+    dm = PairDataModule(str(tiny_shards), resolution=64, crop_size=32, batch_size=2, num_workers=0)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0"):
         trainer.fit(module, dm)
 
@@ -151,7 +151,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_shards):
 def _fit(tmp: Path, shards: Path, max_steps: int, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     module = _module(stage=1, w_id=0.0, w_clip=0.0, ema_decay=0.9)
-    dm = PairDataModule(str(shards), resolution=64, ref_size=64, batch_size=2, num_workers=0, shuffle_buffer=4)
+    dm = PairDataModule(str(shards), resolution=64, crop_size=32, batch_size=2, num_workers=0, shuffle_buffer=4)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=2, save_top_k=-1)
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -172,7 +172,7 @@ def _fit(tmp: Path, shards: Path, max_steps: int, ckpt_path: str | None = None) 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     steps = PairDataset.from_index(
         __import__("bolid.shards", fromlist=["read_index"]).read_index(tiny_shards),
-        "train", train=True, resolution=64, ref_size=64, batch_size=2,
+        "train", train=True, resolution=64, crop_size=32, batch_size=2,
     ).batches_per_epoch  # fmt: skip
     straight = _fit(tmp_path / "a", tiny_shards, 2 * steps)
     _fit(tmp_path / "b", tiny_shards, steps)  # the run that was "killed" after its step-N checkpoint
@@ -215,6 +215,10 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert {"train/loss", "train/loss_diff", "train/loss_id", "train/loss_clip"} <= set(acc.Tags()["scalars"])
+    diagnostics = {"train/id_valid", "train/kp_valid", "train/id_ran_fraction", "train/grad_norm_diff",
+                   "train/grad_norm_id", "train/grad_norm_clip", "train/grad_ratio_id_diff"}  # fmt: skip
+    assert diagnostics <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars("train/id_ran_fraction")][-1] == 1.0  # id_every_n_steps: 1
     assert acc.Tags()["images"]  # the sample grid
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
 
@@ -240,6 +244,7 @@ def test_tiny_config_trains_end_to_end(tiny_shards, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
     """The real DDP strategy (gloo, 2 processes): shards split by rank, both ranks step in lockstep to the end."""
+    import os
     import subprocess
     import sys
 
@@ -249,7 +254,8 @@ def test_ddp_on_two_cpu_processes(tiny_shards, tmp_path):
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.callbacks", "null",
            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.limit_val_batches", "0", "--model.sample_every_n_steps", "0"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Starting with 2 processes" in out.stderr + out.stdout
     assert "`Trainer.fit` stopped: `max_steps=3` reached." in out.stderr + out.stdout
@@ -294,7 +300,7 @@ def test_a_corrupt_shard_sample_is_skipped_and_counted(tiny_shards, tmp_path):
                 data = data[: len(data) // 3]  # truncated JPEG
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    ds = PairDataset.from_index(read_index(shards), "train", train=True, resolution=64, ref_size=64, batch_size=1)
+    ds = PairDataset.from_index(read_index(shards), "train", train=True, resolution=64, crop_size=32, batch_size=1)
     keys = [b["key"][0] for b in ds]
     assert victim not in keys and ds.corrupt.count == 1
     assert len(keys) == ds.num_samples - 1 or len(keys) == ds.batches_per_epoch

@@ -24,6 +24,9 @@ builder                     returns                                           cl
                             image_encoder, feature_extractor``
 ``sdxl_lightning_unet(      the SDXL-Lightning UNet for ``base_unet``'s       ``UNet2DConditionModel``
 source, *, base_unet)``     config
+``sdxl_lightning_lora(      ``None``: loads the SDXL-Lightning LoRA into       PEFT LoRA (diffusers loading)
+source, *, unet)``          ``unet``, switched off
+                            (:mod:`bolid.lightning_lora`)
 ``person_detector(source)``  ``(model, image_processor)``                     ``RTDetrForObjectDetection``
 ``vitpose(source)``         ``(model, image_processor)``                      ``VitPoseForPoseEstimation``
 ``blip2(source,             ``(model, processor)``                            ``Blip2ForConditionalGeneration``

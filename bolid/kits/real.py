@@ -62,6 +62,22 @@ def sdxl_lightning_unet(source: str | None = None, *, base_unet):
     return unet
 
 
+def sdxl_lightning_lora(source: str | None = None, *, unet) -> None:
+    """Load the SDXL-Lightning LoRA (file, folder holding it, or hub id) into ``unet``, switched off
+    (:func:`bolid.lightning_lora.apply_lightning_lora`)."""
+    from bolid.lightning_lora import apply_lightning_lora
+
+    spec = COMPONENTS["sdxl_lightning_lora"]
+    path = Path(resolve("sdxl_lightning_lora", source))
+    if path.is_dir():
+        path = path / spec.filename
+    if not path.exists():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(_call("sdxl_lightning_lora", str(path), hf_hub_download, str(path), spec.filename))
+    apply_lightning_lora(unet, path)
+
+
 def person_detector(source: str | None = None):
     """RT-DETR detector and its image processor."""
     from transformers import AutoProcessor, RTDetrForObjectDetection

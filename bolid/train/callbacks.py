@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from PIL import Image
 
+from bolid.data import batch_crops
+
 log = logging.getLogger(__name__)
 
 
@@ -58,10 +60,8 @@ class SampleGrid(L.Callback):
         module.eval()
         try:
             res = self.resolution or batch["pixels"].shape[-1]
-            ref = batch["ref_pixels"].to(module.device)
-            embeds = module.adapter.encode(
-                ref, batch["ref_keypoints"].to(module.device), boxes=batch["ref_box"].to(module.device)
-            )
+            ref = batch["ref_image"].to(module.device)
+            embeds = module.adapter.encode_crops(batch_crops(batch).to(module.device))
             zero = embeds.negative()
             steps = module.hparams.sample_steps
             gen = lambda e: module.lightning_branch(  # noqa: E731 - same seed for both rows

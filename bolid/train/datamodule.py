@@ -25,8 +25,9 @@ class PairDataModule(L.LightningDataModule):
     Args:
         shards: folder holding the shards and ``index.json`` (the datapipe's output).
         resolution: side of the square training crop (SDXL: 1024).
-        ref_size: side of the square the reference is letterboxed into (the face and body encoders crop
-            from it).
+        crop_size: side of the reference's face and person crops, cut from the stored image at full resolution
+            (:mod:`bolid.crops`); ``null`` = the model's image encoder input size (336 for EVA-CLIP), set by the
+            model when training starts. A value that differs from the encoder's is an error.
         batch_size: pairs per batch per device.
         num_workers: DataLoader workers per device; shards are split across them.
         resampled: draw shards with replacement (endless stream, cut into epochs by ``epoch_pairs``);
@@ -43,7 +44,7 @@ class PairDataModule(L.LightningDataModule):
         self,
         shards: str,
         resolution: int = 1024,
-        ref_size: int = 512,
+        crop_size: int | None = None,
         batch_size: int = 1,
         num_workers: int = 4,
         resampled: bool = False,
@@ -57,12 +58,15 @@ class PairDataModule(L.LightningDataModule):
         super().__init__()
         if resolution < 8 or resolution % 8:
             raise ValueError(f"data.resolution must be a positive multiple of 8, got {resolution}")
-        if batch_size < 1 or num_workers < 0 or ref_size < 8:
-            raise ValueError("data.batch_size must be >= 1, data.num_workers >= 0 and data.ref_size >= 8")
+        if batch_size < 1 or num_workers < 0 or (crop_size is not None and crop_size < 8):
+            raise ValueError("data.batch_size must be >= 1, data.num_workers >= 0 and data.crop_size >= 8 or null")
         if epoch_pairs is not None and epoch_pairs < 1:
             raise ValueError(f"data.epoch_pairs must be >= 1 or null, got {epoch_pairs}")
         self.shards = Path(shards)
-        self.kw = dict(resolution=resolution, ref_size=ref_size, seed=seed, shuffle_buffer=shuffle_buffer)
+        self.crop_size = crop_size
+        self.kw = dict(
+            resolution=resolution, crop_size=crop_size or 336, min_score=0.3, seed=seed, shuffle_buffer=shuffle_buffer
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resampled, self.epoch_pairs, self.val_pairs = resampled, epoch_pairs, val_pairs
         self.random_crop, self.random_flip = random_crop, random_flip
@@ -98,6 +102,18 @@ class PairDataModule(L.LightningDataModule):
                 ds.num_samples,
                 ds.batches_per_epoch,
             )
+
+    def configure_reference_crops(self, size: int, min_score: float) -> None:
+        """Cut reference crops at the image encoder's input ``size`` with the adapter's keypoint ``min_score``
+        (called by the training module's ``setup``), so that training sees what inference sees."""
+        if self.crop_size is not None and self.crop_size != size:
+            raise ValueError(
+                f"data.crop_size={self.crop_size} differs from the image encoder's input size {size}: training would "
+                f"see other crops than inference; set data.crop_size to null or to {size}"
+            )
+        self.kw.update(crop_size=size, min_score=min_score)
+        for ds in self._datasets.values():
+            ds.crop_size, ds.min_score = size, min_score
 
     def sync_to_trainer(self) -> None:
         """Point the training stream at the trainer's position: epoch and batches already done in it.

@@ -9,10 +9,12 @@ Objective (paper draft; PuLID's Lightning-branch recipe for the ID terms)::
   dropped at random for classifier-free guidance (text, face, body, or all at once); a dropped
   face or body is the zero vector with its attention term on, exactly the negative that CFG uses at
   inference (a face that is not visible is masked out instead, in training and at inference alike).
-* ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch generates from pure noise with
-  the same adapter and the target's caption, keeping gradients only through the last ``grad_steps``
-  of its ``lightning_steps`` Euler steps; the VAE decodes, then ViTPose with a soft-argmax reads the
-  body (:class:`bolid.losses.DifferentiablePose`) and EVA-CLIP scores the text (:class:`bolid.losses.ClipTextLoss`).
+* ``L_id`` and ``L_clip`` (stage 2): a few-step SDXL-Lightning branch (the distilled UNet, or its LoRA
+  switched on in the base UNet: ``lightning_weights``) generates from pure noise with the same adapter and
+  the target's caption, keeping gradients only through the last ``grad_steps`` of its ``lightning_steps``
+  Euler steps; the VAE decodes, then ViTPose reads the body from a person crop with a soft-argmax
+  (:class:`bolid.losses.DifferentiablePose`) and EVA-CLIP scores the text, and optionally the reference
+  photo (``w_clip_image``; :class:`bolid.losses.ClipTextLoss`).
 
 Guarding against reward hacking (an ID loss that blurs images or bends poses to game the keypoint
 model): (1) ``L_diff`` stays on in every step, so a degraded generator is still penalised on real
@@ -32,6 +34,7 @@ resumed run continues exactly where the killed one would have gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -39,11 +42,15 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
+from bolid.body import BODY_INDICES
 from bolid.components import DTYPES as _DTYPES
 from bolid.config import ComponentsConfig
+from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
+from bolid.lightning_lora import set_lora_enabled
 from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,10 @@ class BoLIDTrainingModule(L.LightningModule):
         w_diff: weight of the diffusion loss.
         w_id: weight of the body-identity loss (stage 2).
         w_clip: weight of the EVA-CLIP text loss (stage 2).
+        w_clip_image: weight of the EVA-CLIP image loss ``1 - cos(EVA-CLIP(x_gen), EVA-CLIP(reference photo))``
+            (stage 2), the "overall style of the input image" half of the paper's ``L_clip``. Off by default: it
+            pulls the whole generated frame (background, clothes, framing) toward the reference photo, i.e.
+            toward copy-paste; see the README.
         id_pose_weight: weight of the optional keypoint-position term (same-pose training); 0 = proportions only.
         drop_text: probability of dropping the caption (zero text embedding).
         drop_face: probability of dropping the face vector.
@@ -89,6 +100,13 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_steps: sampler steps for the grid (the Lightning UNet's count when present).
         cache_dir: cache the frozen VAE's latent distributions and the text embeddings here
             (:mod:`bolid.train.cache`; best with ``data.random_crop: false``); ``null`` = off.
+        grad_norm_every_n_steps: every this many steps, log each weighted loss term's gradient norm on the
+            adapter and ``w_id·L_id`` / ``w_diff·L_diff`` (one extra backward pass per term); 0 = off.
+        lightning_weights: how the Lightning branch gets SDXL-Lightning: ``unet`` = the distilled UNet as a second
+            resident UNet; ``lora`` = ByteDance's SDXL-Lightning LoRA on the base UNet, switched on only inside the
+            branch (one UNet fewer in memory: ~5 GB in bf16).
+        vae_checkpointing: recompute the VAE decoder's activations in the backward pass of the branch (stage 2's
+            largest activation memory at 1024 px; see the README).
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class BoLIDTrainingModule(L.LightningModule):
         w_diff: float = 1.0,
         w_id: float = 0.0,
         w_clip: float = 0.0,
+        w_clip_image: float = 0.0,
         id_pose_weight: float = 0.0,
         drop_text: float = 0.05,
         drop_face: float = 0.05,
@@ -121,6 +140,9 @@ class BoLIDTrainingModule(L.LightningModule):
         sample_every_n_steps: int = 0,
         sample_steps: int = 4,
         cache_dir: str | None = None,
+        grad_norm_every_n_steps: int = 0,
+        lightning_weights: str = "unet",
+        vae_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -130,10 +152,18 @@ class BoLIDTrainingModule(L.LightningModule):
         for name in ("drop_text", "drop_face", "drop_body", "drop_all"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name} must be a probability in [0, 1], got {locals()[name]}")
-        if min(w_diff, w_id, w_clip, id_pose_weight) < 0:
-            raise ValueError("model.w_diff, model.w_id, model.w_clip and model.id_pose_weight must be >= 0")
-        if stage == 1 and (w_id > 0 or w_clip > 0):
-            raise ValueError("model.w_id / model.w_clip need the Lightning branch: set model.stage: 2")
+        if min(w_diff, w_id, w_clip, w_clip_image, id_pose_weight) < 0:
+            raise ValueError(
+                "model.w_diff, model.w_id, model.w_clip, model.w_clip_image and model.id_pose_weight must be >= 0"
+            )
+        if stage == 1 and (w_id > 0 or w_clip > 0 or w_clip_image > 0):
+            raise ValueError(
+                "model.w_id / model.w_clip / model.w_clip_image need the Lightning branch: set model.stage: 2"
+            )
+        if lightning_weights not in ("unet", "lora"):
+            raise ValueError(f"model.lightning_weights must be 'unet' or 'lora', got {lightning_weights!r}")
+        if grad_norm_every_n_steps < 0:
+            raise ValueError(f"model.grad_norm_every_n_steps must be >= 0, got {grad_norm_every_n_steps}")
         if not 1 <= grad_steps <= lightning_steps:
             raise ValueError(f"model.grad_steps must be in [1, lightning_steps={lightning_steps}], got {grad_steps}")
         if frozen_dtype not in _DTYPES:
@@ -153,7 +183,8 @@ class BoLIDTrainingModule(L.LightningModule):
         from bolid import components as comp
 
         hp = self.hparams
-        parts = comp.build_parts(self.cfg, lightning=hp.stage == 2 or bool(hp.sample_every_n_steps))
+        wants_lightning = hp.stage == 2 or bool(hp.sample_every_n_steps)
+        parts = comp.build_parts(self.cfg, lightning=wants_lightning and hp.lightning_weights == "unet")
         eva, _, eva_tok, eva_name = parts.eva_clip
         self.unet = parts.sdxl["unet"]
         self.vae = parts.sdxl["vae"]
@@ -166,10 +197,11 @@ class BoLIDTrainingModule(L.LightningModule):
         self.lightning_unet = parts.lightning_unet
         self.pose = None
         self.clip_loss = None
+        self.lightning_lora = False  # SDXL-Lightning as a LoRA in self.unet, switched on only in the branch
         self.sample_scheduler = comp.lightning_scheduler(parts.sdxl["scheduler"])
         if hp.stage == 2:
             pose_model, pose_proc = comp.load("vitpose", self.cfg)
-            self.pose = DifferentiablePose(pose_model, pose_proc)
+            self.pose = DifferentiablePose(pose_model, pose_proc, min_score=hp.min_score)
         image_encoder = ClipImageEncoder(eva, eva_name)
         if hp.stage == 2:
             self.clip_loss = ClipTextLoss(image_encoder, eva, eva_tok)
@@ -181,10 +213,12 @@ class BoLIDTrainingModule(L.LightningModule):
             self.adapter = BodyConditionModule(
                 self.unet, image_encoder, AdapterConfig.from_dict(adapter_settings or {})
             )
-        self.adapter.install(self.unet)
-        if self.lightning_unet is not None:
-            self.adapter.install(self.lightning_unet)
-        # Freeze everything, cast the frozen parts, then re-enable (and keep in fp32) the trainable ones.
+        if wants_lightning and hp.lightning_weights == "lora":
+            # After the adapter is built: its low-rank K/V stay relative to the base to_k / to_v, as with the UNet.
+            comp.load("sdxl_lightning_lora", self.cfg, unet=self.unet)
+            self.lightning_lora = True
+        # Freeze everything and cast only the frozen modules, *before* the adapter goes into the UNets: a cast
+        # after install would round the trainable weights (they live inside the UNet then) to frozen_dtype.
         self.requires_grad_(False)
         dtype = _DTYPES[hp.frozen_dtype]
         if dtype != torch.float32:
@@ -194,14 +228,24 @@ class BoLIDTrainingModule(L.LightningModule):
             for module in (*frozen, image_encoder, self.clip_loss.model if self.clip_loss is not None else None):
                 if module is not None:
                     module.to(dtype)
+        self.adapter.install(self.unet)
+        if self.lightning_unet is not None:
+            self.adapter.install(self.lightning_unet)
         for p in self.adapter.trainable_parameters():
-            p.data = p.data.float()
+            assert p.dtype == torch.float32, "trainable weights must stay in fp32"
             p.requires_grad_(True)
+        self._lora_on = False
         if hp.gradient_checkpointing:
-            for unet in (self.unet, self.lightning_unet):
-                if unet is not None:
-                    unet.enable_gradient_checkpointing()
+            if self.lightning_lora:
+                self.unet.enable_gradient_checkpointing(self._checkpoint_lora_aware)
+            else:
+                self.unet.enable_gradient_checkpointing()
+            if self.lightning_unet is not None:
+                self.lightning_unet.enable_gradient_checkpointing()
+        if hp.vae_checkpointing:
+            self.vae.enable_gradient_checkpointing()  # the decoder recomputes each up-block in the backward pass
         self._ema: dict[str, torch.Tensor] | None = None
+        self._id_counts = torch.zeros(3)  # steps, steps that ran the ID branch, steps with a valid L_id
         self.cache = None
         if hp.cache_dir:
             from bolid.train.cache import EncodingCache
@@ -288,7 +332,7 @@ class BoLIDTrainingModule(L.LightningModule):
         return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
 
     def _identity(self, batch: dict) -> IdentityEmbeds:
-        return self.adapter.encode(batch["ref_pixels"], batch["ref_keypoints"], boxes=batch["ref_box"])
+        return self.adapter.encode_crops(batch_crops(batch))
 
     def _unet(self, unet, latents, t, text, pooled, time_ids, embeds: IdentityEmbeds) -> torch.Tensor:
         dtype = next(unet.parameters()).dtype
@@ -337,6 +381,34 @@ class BoLIDTrainingModule(L.LightningModule):
         pred = self._unet(self.unet, noisy, t, text, pooled, batch["time_ids"], embeds)
         return F.mse_loss(pred, target.float())
 
+    @contextlib.contextmanager
+    def lightning_lora_on(self):
+        """Inside: ``self.unet`` is SDXL-Lightning (its LoRA on); outside it is the SDXL base UNet."""
+        set_lora_enabled(self.unet, True)
+        self._lora_on = True
+        try:
+            yield self.unet
+        finally:
+            set_lora_enabled(self.unet, False)
+            self._lora_on = False
+
+    def _checkpoint_lora_aware(self, block, *args):
+        """Gradient checkpointing for a UNet that toggles its LoRA: the backward pass recomputes ``block`` with the
+        LoRA switched as it was in the forward pass (the ``L_diff`` pass without it, the Lightning branch with it),
+        whatever the switch says when the recomputation runs."""
+        on = self._lora_on
+
+        def run(*inputs):
+            if on == self._lora_on:
+                return block(*inputs)
+            set_lora_enabled(block, on)
+            try:
+                return block(*inputs)
+            finally:
+                set_lora_enabled(block, self._lora_on)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
     def lightning_branch(
         self,
         embeds: IdentityEmbeds,
@@ -356,6 +428,10 @@ class BoLIDTrainingModule(L.LightningModule):
         """
         from diffusers import EulerDiscreteScheduler
 
+        if unet is None and self.lightning_lora:
+            with self.lightning_lora_on():
+                return self.lightning_branch(embeds, captions, generator, resolution, steps, grad_steps, self.unet,
+                                             guidance, text)  # fmt: skip
         unet = unet or self.lightning_unet or self.unet
         b = len(captions)
         scheduler = EulerDiscreteScheduler.from_config(self.sample_scheduler.config)
@@ -408,9 +484,12 @@ class BoLIDTrainingModule(L.LightningModule):
         )
         kp = self.pose(images)
         l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
-        out = {"loss_id": l_id, "id_valid": valid.detach()}
+        body = kp[:, list(BODY_INDICES), 2].detach()
+        out = {"loss_id": l_id, "id_valid": valid.detach(), "kp_valid": (body >= hp.min_score).float().mean()}
         if hp.w_clip > 0:
             out["loss_clip"] = self.clip_loss(images, batch["caption"])
+        if hp.w_clip_image > 0:
+            out["loss_clip_image"] = self.clip_loss.image_loss(images, batch["ref_image"])
         return out
 
     # ------------------------------------------------------------------------------------------ steps
@@ -421,24 +500,54 @@ class BoLIDTrainingModule(L.LightningModule):
         # The captions and references are encoded once and shared by both branches.
         text, identity = self.encode_text(batch["caption"]), self._identity(batch)
         parts = {"loss_diff": self.diffusion_loss(batch, generator, text=text, identity=identity)}
-        loss = hp.w_diff * parts["loss_diff"]
         step = self.global_step
-        if hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0:
+        ran = hp.stage == 2 and step >= hp.id_start_step and step % hp.id_every_n_steps == 0
+        diagnostics: dict[str, torch.Tensor | float] = {}
+        if ran:
             id_generator = self._generator(salt=1, batch_idx=batch_idx)
-            parts.update(self.id_losses(batch, id_generator, text=text, identity=identity))
-            loss = loss + hp.w_id * parts["loss_id"] + hp.w_clip * parts.get("loss_clip", 0.0)
+            out = self.id_losses(batch, id_generator, text=text, identity=identity)
+            diagnostics.update({k: out.pop(k) for k in ("id_valid", "kp_valid")})
+            parts.update(out)
+        loss = sum(self._weights()[k] * v for k, v in parts.items())
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} ({values}); stopping. The last good checkpoint is kept "
                 "(resume with --ckpt_path last); lower model.lr or check the data."
             )
+        self._id_counts += torch.tensor([1.0, float(ran), float(ran and float(diagnostics["id_valid"]) > 0)])
+        diagnostics["id_ran_fraction"] = self._id_counts[1] / self._id_counts[0]
+        diagnostics["id_effective_fraction"] = self._id_counts[2] / self._id_counts[0]
+        if hp.grad_norm_every_n_steps and step % hp.grad_norm_every_n_steps == 0:
+            diagnostics.update(self.term_grad_norms(parts))
         bs = batch["pixels"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in parts.items():
+        for k, v in (parts | diagnostics).items():
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return loss
+
+    def _weights(self) -> dict[str, float]:
+        hp = self.hparams
+        return {"loss_diff": hp.w_diff, "loss_id": hp.w_id, "loss_clip": hp.w_clip, "loss_clip_image": hp.w_clip_image}
+
+    def term_grad_norms(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L2 norm of each *weighted* loss term's gradient on the adapter, and ``w_id·L_id`` over ``w_diff·L_diff``.
+
+        One extra backward pass per term (the graph is kept for the real one): a diagnostic, run every
+        ``grad_norm_every_n_steps`` steps. Returns ``grad_norm_<term>`` and ``grad_ratio_id_diff``.
+        """
+        params = [p for p in self.trainable_named_parameters().values() if p.requires_grad]
+        weights, out = self._weights(), {}
+        for name, value in parts.items():
+            if not weights[name] or not value.requires_grad:
+                continue
+            grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+            sq = sum((g.float() ** 2).sum() for g in grads if g is not None)
+            out[f"grad_norm_{name.removeprefix('loss_')}"] = torch.as_tensor(sq, dtype=torch.float32).sqrt()
+        if "grad_norm_id" in out and "grad_norm_diff" in out:
+            out["grad_ratio_id_diff"] = out["grad_norm_id"] / out["grad_norm_diff"].clamp(min=1e-12)
+        return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
@@ -461,6 +570,11 @@ class BoLIDTrainingModule(L.LightningModule):
         warmup = max(hp.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "configure_reference_crops"):
+            dm.configure_reference_crops(self.adapter.image_encoder.image_size, self.adapter.config.min_score)
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision)
@@ -511,6 +625,7 @@ class BoLIDTrainingModule(L.LightningModule):
         checkpoint["adapter_config"] = asdict(self.adapter.config)
         if self._ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self._ema.items()}
+        checkpoint["id_counts"] = self._id_counts.clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = set(self.trainable_named_parameters())
@@ -522,6 +637,8 @@ class BoLIDTrainingModule(L.LightningModule):
             )
         if "ema" in checkpoint:
             self._ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+        if "id_counts" in checkpoint:
+            self._id_counts = checkpoint["id_counts"].clone()
 
     def save_adapter(self, path: str | Path, ema: bool = False) -> Path:
         """Write the adapter folder (weights + settings); ``ema=True`` writes the EMA weights instead."""
