@@ -174,7 +174,8 @@ def _check(cls: type, data: Any, where: str) -> None:
     fields = _fields(cls)
     check_keys(data, fields, where)
     for f in dataclasses.fields(cls):
-        if f.init and f.name not in data and f.default is f.default_factory is dataclasses.MISSING:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init and required and f.name not in data:
             raise ValueError(f"{where + ': ' if where else ''}missing key '{f.name}'")
     for key, value in data.items():
         name = f"{where}.{key}" if where else key

@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 import configkit
-from crawler.settings import CRAWL_MAX_IMAGE_PIXELS
+from crawler import settings
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"]
 
 
 @dataclass(frozen=True)
@@ -25,30 +27,30 @@ class CrawlConfig:
     annotations; :func:`configkit.parse` checks them."""
 
     base_url: str = "https://www.theplace.ru"
-    out: str = "data/crawl"
+    out: str = settings.CRAWL_OUT
     persons: list[str] = field(default_factory=list)
     persons_file: str | None = None
-    min_width: PositiveInt = 1000
-    min_height: PositiveInt = 1000
-    min_photos: NonNegativeInt = 100
+    min_width: PositiveInt = settings.CRAWL_MIN_WIDTH
+    min_height: PositiveInt = settings.CRAWL_MIN_HEIGHT
+    min_photos: NonNegativeInt = settings.CRAWL_MIN_PHOTOS
     max_persons: PositiveInt | None = None
     max_photos_per_person: PositiveInt | None = None
-    max_image_pixels: PositiveInt = CRAWL_MAX_IMAGE_PIXELS
-    max_response_size: PositiveInt = 32 * 1024 * 1024
-    max_page_size: PositiveInt = 4 * 1024 * 1024
-    user_agent: str = "BoLID-crawler/0.1 (research dataset crawler; obeys robots.txt; 1 request at a time)"
-    download_delay: NonNegativeFloat = 1.0
-    autothrottle: bool = True
-    autothrottle_max_delay: PositiveFloat = 60.0
-    autothrottle_target_concurrency: PositiveFloat = 1.0
-    concurrent_requests: PositiveInt = 16
-    concurrent_requests_per_domain: PositiveInt = 1
-    retry_times: NonNegativeInt = 5
-    retry_backoff_base: NonNegativeFloat = 2.0
-    retry_backoff_max: NonNegativeFloat = 120.0
-    download_timeout: PositiveFloat = 60.0
-    fsync: bool = True
-    log_level: Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"] = "INFO"
+    max_image_pixels: PositiveInt = settings.CRAWL_MAX_IMAGE_PIXELS
+    max_response_size: PositiveInt = settings.DOWNLOAD_MAXSIZE
+    max_page_size: PositiveInt = settings.CRAWL_MAX_PAGE_SIZE
+    user_agent: str = settings.USER_AGENT
+    download_delay: NonNegativeFloat = settings.DOWNLOAD_DELAY
+    autothrottle: bool = settings.AUTOTHROTTLE_ENABLED
+    autothrottle_max_delay: PositiveFloat = settings.AUTOTHROTTLE_MAX_DELAY
+    autothrottle_target_concurrency: PositiveFloat = settings.AUTOTHROTTLE_TARGET_CONCURRENCY
+    concurrent_requests: PositiveInt = settings.CONCURRENT_REQUESTS
+    concurrent_requests_per_domain: PositiveInt = settings.CONCURRENT_REQUESTS_PER_DOMAIN
+    retry_times: NonNegativeInt = settings.RETRY_TIMES
+    retry_backoff_base: NonNegativeFloat = settings.RETRY_BACKOFF_BASE
+    retry_backoff_max: NonNegativeFloat = settings.RETRY_BACKOFF_MAX
+    download_timeout: PositiveFloat = float(settings.DOWNLOAD_TIMEOUT)
+    fsync: bool = settings.CRAWL_FSYNC
+    log_level: LogLevel = settings.LOG_LEVEL
     log_file: str | None = None
 
     def __post_init__(self) -> None:
