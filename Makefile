@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format demo crawl shards train eval bench app browser
+.PHONY: help setup test lint format demo mini crawl shards train eval bench app browser
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,10 @@ setup:  ## create .venv, install torch if none is present, then bolid in editabl
 demo:  ## the whole system offline on the tiny kit: demo site -> crawl -> shards -> train -> eval (DEMO_ARGS=--quick)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
 	$(PY) -m demo $(DEMO_ARGS)
+
+mini:  ## BoLID-mini: render a world, shards, stage 1/2 + ablation, eval -> docs/mini (MINI_ARGS=--quick, resumable)
+	@test -f $(VENV)/.bolid-setup || $(MAKE) setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m demo.mini $(MINI_ARGS)
 
 app:  ## the generation web page on http://127.0.0.1:7860 (tiny kit, BlazePose; APP_ARGS=--components real ...)
 	@test -f $(VENV)/.bolid-setup || $(MAKE) setup

@@ -1,22 +1,25 @@
-"""Does Body Sim tell people apart? Same-person vs different-person pairs of real photos, as ROC AUC.
+"""Does Body Sim tell people apart, across poses and viewpoints? Old (v1) and new (v2) metric side by side.
 
-On ``../shared/testdata/fullbody`` (full-body photos, identities in identities.csv; 6 people
-have 2 photos) every pair of photos is scored with :class:`bolid.metrics.BodySimilarity`
-(BlazePose keypoints, standardised proportions) exactly as the eval harness scores a generated
-image against its reference. A valid metric scores same-person pairs above different-person
-pairs: the ROC AUC of the similarity as a same-person detector is the separation.
+Candidates, all scored by the same code on the same keypoints:
 
-Also reported:
+* **v1** :class:`bolid.metrics.BodySimilarity`: cosine of six 2D proportions z-scored with statistics
+  fitted on ``fullbody`` itself (the shipped ``BODY_STATS_*``);
+* **v2** :class:`bolid.metrics.BodyShapeSimilarity`: the synthetic-trained body-shape network
+  (:mod:`bolid.body_shape`, ``"metric"`` instance), likelihood-ratio similarity, ``ambiguous_view`` failures;
+* **v2 cosine**: the same estimates compared by confidence-weighted cosine;
+* **BlazePose 3D**: the shape vector computed from BlazePose's own 3D world landmarks, z-scored by the
+  synthetic prior (images only: keypoints alone carry no depth).
 
-* the AUC of the same cosine with the population statistics re-estimated for every pair
-  *without* the two identities in it (the shipped statistics were measured on these photos,
-  so this shows the separation is not an artefact of that);
-* the AUC of the cosine of the raw, unstandardised proportions (why the metric standardises);
-* the photo labelled ``unknown_...`` is left out: with no identity it is neither a same- nor a
-  different-person pair;
-* ``posevaried/``: one person in 12 poses; the mean and median Body Sim over all pairs of poses.
+Measures:
 
-``--stats`` prints the population statistics that bolid/metrics.py ships as BODY_STATS_MEAN/STD.
+1. synthetic (:mod:`bolid.synthetic_bodies`): the same body at yaw 0..60° (standing or walking, new
+   pose and camera each time, detector noise) against its yaw-0 view, versus two different bodies;
+   and keypoint-noise robustness (same body, pose and camera, Gaussian jitter of 0-4% of the torso);
+2. real photos, failures counted as the lowest score: ROC AUC on ``fullbody`` (every pair of labelled
+   photos) and on ``posevaried`` (same = pairs of its 12 frames, different = frame x fullbody photo);
+3. multi-reference on ``posevaried``: k = 1, 2, 4 frames as references (fused into one estimate by v2,
+   averaged by v1), same = a held-out frame, different = every fullbody photo; ``fullbody`` has at most
+   2 photos per person, so only k = 1 exists there.
 
     python -m bench.bench_bodysim                       # print
     python -m bench.bench_bodysim --write BENCHMARKS.md # and replace this benchmark's section there
@@ -27,163 +30,378 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.report import command, machine, write_section
-from bolid.body import body_features
-from bolid.metrics import (
-    BODY_STATS_MEAN,
-    BODY_STATS_STD,
-    BodySimilarity,
-    body_similarity,
-    proportion_stats,
-)
+from bolid.body_shape import ShapeEstimate, fuse, load, shape_similarity
+from bolid.images import load_image
+from bolid.metrics import BODY_STATS_MEAN, BODY_STATS_STD, body_similarity
+from bolid.pose import BLAZEPOSE_TO_COCO
+from bolid.synthetic_bodies import prior_stats, sample_lengths, synthetic_views
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = Path(os.environ.get("BOLID_SHARED_TESTDATA", ROOT.parent / "shared" / "testdata"))
+MIN_SCORE = 0.5
+YAWS = (0, 15, 30, 45, 60)
+JITTERS = (0.0, 0.01, 0.02, 0.04)
+KS = (1, 2, 4)
 
 
 def auroc(scores: torch.Tensor, same: torch.Tensor) -> float:
-    """ROC AUC (torchmetrics' binary AUROC) of ``scores`` as a detector of ``same``."""
+    """ROC AUC (torchmetrics' binary AUROC) of ``scores`` as a detector of ``same``; NaN (failed) = lowest."""
     from torchmetrics.functional.classification import binary_auroc
 
-    return float(binary_auroc(scores.float(), same.long()))
+    s = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float), nan=-2.0)
+    return float(binary_auroc(s, torch.as_tensor(same).long()))
 
 
-def measure(data: Path, min_score: float) -> dict:
-    metric = BodySimilarity(min_score=min_score)
+# ------------------------------------------------------------------------------------------------ scorers
+
+
+class Scorers:
+    """Every candidate as ``score(keypoints_a, keypoints_b) -> (N,)``; ``b`` may hold K photos ``(N, K, 17, 3)``."""
+
+    def __init__(self):
+        self.net = load("metric")
+        self.stats = torch.tensor(BODY_STATS_MEAN), torch.tensor(BODY_STATS_STD)
+
+    def v1(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if b.ndim == 4:  # v1 has no fusion: mean over the K references
+            return torch.stack([self.v1(a, b[:, j]) for j in range(b.shape[1])], 1).nanmean(1)
+        return body_similarity(a, b, *self.stats, min_score=MIN_SCORE)[0]
+
+    def _est(self, kp: torch.Tensor) -> ShapeEstimate:
+        found = ~torch.isnan(kp).any(dim=(-2, -1))
+        with torch.no_grad():
+            e = self.net(torch.nan_to_num(kp), MIN_SCORE)
+        return ShapeEstimate(e.mean, e.var, e.found & found)
+
+    def v2(self, a: torch.Tensor, b: torch.Tensor, method: str = "llr") -> torch.Tensor:
+        eb = self._est(b)
+        return shape_similarity(self._est(a), fuse(eb) if b.ndim == 4 else eb, method=method)[0]
+
+    def v2_cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.v2(a, b, method="cosine")
+
+
+def world_shape(world: torch.Tensor) -> ShapeEstimate:
+    """Shape estimate from BlazePose 3D world landmarks ``(N, 17, 4)``, z-scored by the synthetic prior."""
+    p = world[..., :3]
+
+    def length(a: int, b: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(p[:, a] - p[:, b], dim=-1)
+
+    torso = torch.linalg.vector_norm((p[:, 5] + p[:, 6] - p[:, 11] - p[:, 12]) / 2, dim=-1)
+    logs = torch.stack(
+        [
+            (length(5, 7) + length(6, 8)) / 2,
+            (length(7, 9) + length(8, 10)) / 2,
+            (length(11, 13) + length(12, 14)) / 2,
+            (length(13, 15) + length(14, 16)) / 2,
+            length(5, 6),
+            length(11, 12),
+            torso,
+        ],
+        -1,
+    ).log()
+    mean, std = prior_stats()
+    z = (logs - logs.mean(-1, keepdim=True) - mean) / std
+    return ShapeEstimate(z, torch.full_like(z, 0.5), torch.ones(len(z), dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def blazepose(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """COCO-17 keypoints ``(N, 17, 3)`` in pixels and world landmarks ``(N, 17, 4)``; NaN rows: no person."""
+    from mediapipe.python.solutions import pose as mp_pose
+
+    COCO = BLAZEPOSE_TO_COCO  # noqa: N806
+    kps = torch.full((len(paths), 17, 3), float("nan"))
+    world = torch.full((len(paths), 17, 4), float("nan"))
+    t0 = time.perf_counter()
+    with mp_pose.Pose(static_image_mode=True, model_complexity=1, min_detection_confidence=0.5) as pose:
+        for i, path in enumerate(paths):
+            im = load_image(path)
+            res = pose.process(np.asarray(im))
+            if res.pose_landmarks is None:
+                continue
+            lm, wl = res.pose_landmarks.landmark, res.pose_world_landmarks.landmark
+            kps[i] = torch.tensor(
+                [[lm[j].x * im.width, lm[j].y * im.height, lm[j].visibility] for j in BLAZEPOSE_TO_COCO]
+            )
+            world[i] = torch.tensor([[wl[j].x, wl[j].y, wl[j].z, wl[j].visibility] for j in COCO])
+    return kps, world, (time.perf_counter() - t0) / max(len(paths), 1)
+
+
+def load_real(data: Path) -> dict:
     root = data / "fullbody"
     with open(root / "identities.csv", newline="", encoding="utf-8") as f:
         rows = [(r["file"].strip(), r["identity"].strip()) for r in csv.DictReader(f)]
     rows = [(f, i) for f, i in rows if not i.startswith("unknown_")]  # no label: cannot be paired either way
-    t0 = time.perf_counter()
-    kps = metric.keypoints([root / name for name, _ in rows])  # (N, 17, 3), NaN where no person
-    seconds = time.perf_counter() - t0
-    ids = [identity for _, identity in rows]
-    pairs = list(itertools.combinations(range(len(rows)), 2))
-    a, b = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-    same = torch.tensor([ids[i] == ids[j] for i, j in pairs])
-
-    metric.update(kps[a], kps[b])  # the metric as shipped
-    sims = metric.per_sample()
-    ok = ~torch.isnan(sims)
-    out = {
-        "images": len(rows),
-        "identities": len(set(ids)),
+    frames = sorted((data / "posevaried").glob("*.jpg"))
+    kps, world, seconds = blazepose([root / f for f, _ in rows] + frames)
+    n = len(rows)
+    return {
+        "ids": [i for _, i in rows],
+        "fb": (kps[:n], world[:n]),
+        "pv": (kps[n:], world[n:]),
+        "seconds": seconds,
         "no_person": int(torch.isnan(kps).any(dim=(1, 2)).sum()),
-        "pairs_same": int(same.sum()),
-        "pairs_diff": int((~same).sum()),
-        "failure_rate": 1 - float(ok.double().mean()),
-        "auc": auroc(sims[ok], same[ok]),
-        "sim_same": float(sims[ok & same].mean()),
-        "sim_diff": float(sims[ok & ~same].mean()),
-        "pose_seconds_per_image": seconds / len(rows),
-        "curve": {"shipped": (sims[ok], same[ok])},
     }
-    # Statistics re-estimated per pair without the pair's two identities.
-    held = []
-    for (i, j), ok_ij in zip(pairs, ok.tolist(), strict=True):
-        if not ok_ij:
-            continue
-        keep = [k for k in range(len(rows)) if ids[k] not in (ids[i], ids[j])]
-        mean, std = proportion_stats(kps[keep], min_score)
-        held.append(body_similarity(kps[i : i + 1], kps[j : j + 1], mean, std, min_score)[0][0])
-    out["auc_held_out_stats"] = auroc(torch.stack(held), same[ok])
-    # Raw proportions, no standardisation: all positive and alike, so their cosine says little.
-    feats = body_features(torch.nan_to_num(kps.double()), min_score=min_score)
-    p, m = feats.proportions, feats.proportions_mask
-    both = m[a] * m[b]
-    raw = (p[a] * p[b] * both).sum(-1) / ((p[a] * both).norm(dim=-1) * (p[b] * both).norm(dim=-1)).clamp(min=1e-8)
-    out["auc_raw"] = auroc(raw[ok], same[ok])
-    out["curve"]["raw proportions"] = (raw[ok], same[ok])
 
-    out["stats"] = proportion_stats(kps, min_score)
-    pose_dir = data / "posevaried"
-    if pose_dir.is_dir():
-        pk = metric.keypoints(sorted(pose_dir.glob("*.jpg")))
-        pp = list(itertools.combinations(range(len(pk)), 2))
-        pa, pb = torch.tensor([p[0] for p in pp]), torch.tensor([p[1] for p in pp])
-        pose_metric = BodySimilarity(pose=metric.pose, min_score=min_score)
-        pose_metric.update(pk[pa], pk[pb])
-        ps = pose_metric.per_sample()
-        out["pose"] = {
-            "images": len(pk),
-            "pairs": len(pp),
-            "failure_rate": float(pose_metric.compute()["failure_rate"]),
-            "mean": float(torch.nanmean(ps)),
-            "median": float(torch.nanmedian(ps)),
-        }
+
+# ------------------------------------------------------------------------------------------------ measures
+
+
+def real_pairs(real: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Index pairs ``(a, b, same)`` into the concatenation fullbody + posevaried, per set."""
+    ids, nf, npv = real["ids"], len(real["ids"]), len(real["pv"][0])
+    fb = list(itertools.combinations(range(nf), 2))
+    pv = [(nf + i, nf + j) for i, j in itertools.combinations(range(npv), 2)]
+    pv_diff = [(nf + i, j) for i in range(npv) for j in range(nf)]
+    out = {}
+    for name, pairs, same in (
+        ("fullbody", fb, [ids[i] == ids[j] for i, j in fb]),
+        ("posevaried", pv + pv_diff, [True] * len(pv) + [False] * len(pv_diff)),
+    ):
+        a, b = (torch.tensor(x) for x in zip(*pairs, strict=True))
+        out[name] = (a, b, torch.tensor(same))
     return out
 
 
-def plot(r: dict, path: Path) -> None:
-    """ROC curves (shipped vs raw proportions) and the score distributions of same / different people."""
+def measure_real(real: dict, sc: Scorers) -> dict:
+    kps = torch.cat([real["fb"][0], real["pv"][0]])
+    world = torch.cat([real["fb"][1], real["pv"][1]])
+    w_est = world_shape(torch.nan_to_num(world))
+    cands = {
+        "v1": sc.v1,
+        "v2": sc.v2,
+        "v2 cosine": sc.v2_cosine,
+        "BlazePose 3D": lambda a, b: shape_similarity(w_est[a], w_est[b], max_var=1.0, method="cosine")[0],
+    }
+    out: dict = {"auc": {}, "curves": {}, "fail": {}}
+    for set_name, (a, b, same) in real_pairs(real).items():
+        for name, fn in cands.items():
+            s = fn(a, b) if name == "BlazePose 3D" else fn(kps[a], kps[b])
+            out["auc"][name, set_name] = auroc(s, same)
+            out["fail"][name, set_name] = float(torch.isnan(s).float().mean())
+            out["curves"][name, set_name] = (s, same)
+    out["multi"] = measure_multi(real, sc)
+    out["gap"] = convention_gap(real)
+    return out
+
+
+def measure_multi(real: dict, sc: Scorers, draws: int = 40, seed: int = 0) -> dict:
+    """AUC on posevaried with k reference frames: same = a held-out frame, different = every fullbody photo."""
+    pv, fb = real["pv"][0], real["fb"][0]
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in KS:
+        scores: dict[str, list] = {"v1": [], "v2": []}
+        same: list[bool] = []
+        for _ in range(draws):
+            perm = torch.randperm(len(pv), generator=gen)
+            refs, held = perm[:k], perm[k:]
+            probes = torch.cat([pv[held], fb])
+            ref = pv[refs].unsqueeze(0).expand(len(probes), k, 17, 3)
+            for name in scores:
+                fn = sc.v1 if name == "v1" else sc.v2
+                scores[name].append(fn(probes, ref if k > 1 else ref[:, 0]))
+            same += [True] * len(held) + [False] * len(fb)
+        y = torch.tensor(same)
+        out[k] = {name: auroc(torch.cat(s), y) for name, s in scores.items()}
+    return out
+
+
+def convention_gap(real: dict, n: int = 4000, seed: int = 3) -> dict[str, tuple[float, float, float]]:
+    """Where the detector puts joints vs the synthetic skeleton: 2D proportions of the real ``fullbody`` photos
+    and of synthetic frontal standing bodies (same jitter-free camera set-up), and the gap in units of the
+    synthetic population's standard deviation. A gap of several SDs means the synthetic training data do not
+    look like real detector output, whatever the network."""
+    from bolid.body import PROPORTION_NAMES, body_features
+
+    gen = torch.Generator().manual_seed(seed)
+    v = synthetic_views(n, gen, kinds=("standing",), yaw=torch.zeros(n), noise=False)
+    syn = body_features(v.keypoints, min_score=MIN_SCORE)
+    kp = real["fb"][0]
+    rf = body_features(torch.nan_to_num(kp[~torch.isnan(kp).any(dim=(1, 2))]), min_score=MIN_SCORE)
+    out = {}
+    for i, name in enumerate(PROPORTION_NAMES):
+        m = rf.proportions_mask[:, i] > 0
+        r, sp = float(rf.proportions[m, i].mean()), syn.proportions[:, i]
+        out[name] = (r, float(sp.mean()), (r - float(sp.mean())) / float(sp.std()))
+    return out
+
+
+def measure_synthetic(sc: Scorers, n: int = 2000, seed: int = 7) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ("standing", "walking")
+    lengths = sample_lengths(n, gen)
+    ref = synthetic_views(n, gen, kinds=kinds, lengths=lengths, yaw=torch.zeros(n)).keypoints
+    other = synthetic_views(n, gen, kinds=kinds, yaw=torch.zeros(n)).keypoints
+    out: dict = {"yaw": {}, "different": {}, "noise": {}}
+    for name in ("v1", "v2"):
+        out["different"][name] = float(getattr(sc, name)(ref, other).nanmean())
+    for yaw in YAWS:
+        v = synthetic_views(n, gen, kinds=kinds, lengths=lengths, yaw=torch.full((n,), math.radians(yaw))).keypoints
+        out["yaw"][yaw] = {name: float(getattr(sc, name)(ref, v).nanmean()) for name in ("v1", "v2")}
+    clean = synthetic_views(n, gen, kinds=kinds, lengths=lengths, noise=False).keypoints
+    torso = torch.linalg.vector_norm(
+        (clean[:, 5, :2] + clean[:, 6, :2] - clean[:, 11, :2] - clean[:, 12, :2]) / 2, dim=-1
+    )
+    for jitter in JITTERS:
+        noisy = clean.clone()
+        noisy[..., :2] += jitter * torso[:, None, None] * torch.randn(n, 17, 2, generator=gen)
+        out["noise"][jitter] = {name: float(getattr(sc, name)(clean, noisy).nanmean()) for name in ("v1", "v2")}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def plot(real: dict, path: Path) -> None:
+    """ROC curves of v1 and v2 on both real sets, and v2's score distributions on posevaried."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchmetrics.functional.classification import binary_roc
 
-    fig, (roc, hist) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for name, (scores, same) in r["curve"].items():
-        fpr, tpr, _ = binary_roc(scores.float(), same.long())
-        roc.plot(fpr, tpr, label=f"{name} (AUC {auroc(scores, same):.3f})")
-    roc.plot([0, 1], [0, 1], ls=":", c="grey")
-    roc.set(xlabel="false positive rate (different people)", ylabel="true positive rate (same person)",
-            title="Body Sim as a same-person detector")  # fmt: skip
-    roc.legend(loc="lower right")
-    scores, same = r["curve"]["shipped"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
+    for ax, set_name in zip(axes[:2], ("fullbody", "posevaried"), strict=True):
+        for name in ("v1", "v2", "BlazePose 3D"):
+            s, same = real["curves"][name, set_name]
+            fpr, tpr, _ = binary_roc(torch.nan_to_num(s.float(), nan=-2.0), same.long())
+            ax.plot(fpr, tpr, label=f"{name} (AUC {real['auc'][name, set_name]:.3f})")
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+        ax.set(xlabel="false positive rate (different people)", ylabel="true positive rate (same person)",
+               title=f"{set_name}: Body Sim as a same-person detector")  # fmt: skip
+        ax.legend(loc="lower right")
+    hist = axes[2]
     bins = torch.linspace(-1, 1, 41).tolist()
-    hist.hist(
-        scores[~same].tolist(), bins=bins, density=True, alpha=0.6, label=f"different people ({int((~same).sum())})"
-    )
-    hist.hist(scores[same].tolist(), bins=bins, density=True, alpha=0.6, label=f"same person ({int(same.sum())})")
-    hist.set(xlabel="Body Sim", ylabel="density", title="Body Sim of photo pairs")
-    hist.legend()
+    for name in ("v1", "v2"):
+        s, same = real["curves"][name, "posevaried"]
+        ok = ~torch.isnan(s)
+        hist.hist(s[ok & ~same].tolist(), bins=bins, density=True, alpha=0.4, label=f"{name}: different people")
+        hist.hist(s[ok & same].tolist(), bins=bins, density=True, alpha=0.4, label=f"{name}: same person")
+    hist.set(xlabel="Body Sim", ylabel="density", title="posevaried: score distributions")
+    hist.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
-def report(r: dict) -> str:
+def report(real: dict, syn: dict, meta: dict) -> str:
+    import json
+
     import mediapipe
 
+    from bolid.body_shape import RECORD
+
+    rec = json.loads(RECORD.read_text())["metric"]
+    auc, fail = real["auc"], real["fail"]
     lines = [
-        "## Body Sim validity: same person vs different person (real photos)",
+        "## Body Sim validity: same person vs different person, across pose and viewpoint",
         "",
-        "Goal: Body Sim must score two photos of one person above photos of two different people.",
+        "Goal: Body Sim must score the same body above different bodies, whatever the pose and viewpoint. "
+        "v1 = today's default (2D proportions, statistics fitted on `fullbody`); v2 = `BodyShapeSimilarity` "
+        "(synthetic-trained body-shape network, no real-photo statistics); candidates as in "
+        "`bench/bench_bodysim.py`'s docstring. Failures count as the lowest score.",
         "",
-        f"Data: `shared/testdata/fullbody`, {r['images']} photos of {r['identities']} people (iPER, DeepFashion); "
-        f"every pair: {r['pairs_same']} same-person, {r['pairs_diff']} different-person. Pose model: BlazePose "
-        f"(not the training loss's ViTPose); {r['no_person']} photos without a detected person; pair failure rate "
-        f"{100 * r['failure_rate']:.1f}%.",
+        "### Real photos (BlazePose keypoints)",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| **ROC AUC, Body Sim as shipped** | **{r['auc']:.3f}** |",
-        f"| ROC AUC, statistics re-estimated without each pair's two people | {r['auc_held_out_stats']:.3f} |",
-        f"| ROC AUC, raw proportions (no standardisation) | {r['auc_raw']:.3f} |",
-        f"| mean Body Sim, same person / different people | {r['sim_same']:.3f} / {r['sim_diff']:.3f} |",
+        f"`fullbody`: {meta['images']} photos of {meta['identities']} people, every pair ({meta['same']} same, "
+        f"{meta['diff']} different). `posevaried`: 12 frames of one person, 66 same pairs, 12 x {meta['images']} "
+        f"different pairs. {real_meta_line(meta)}",
+        "",
+        "| candidate | AUC fullbody (target >= 0.97) | AUC posevaried (target >= 0.90) | failed pairs fb / pv |",
+        "|---|---|---|---|",
     ]
-    if "pose" in r:
-        p = r["pose"]
+    for name in ("v1", "v2", "v2 cosine", "BlazePose 3D"):
         lines.append(
-            f"| posevaried: one person, {p['images']} poses, {p['pairs']} pairs: mean / median Body Sim | "
-            f"{p['mean']:.3f} / {p['median']:.3f} (failure rate {100 * p['failure_rate']:.1f}%) |"
+            f"| {name} | {auc[name, 'fullbody']:.3f} | {auc[name, 'posevaried']:.3f} | "
+            f"{100 * fail[name, 'fullbody']:.0f}% / {100 * fail[name, 'posevaried']:.0f}% |"
         )
     lines += [
-        f"| BlazePose time per photo | {1000 * r['pose_seconds_per_image']:.0f} ms |",
         "",
-        f"Only {r['pairs_same']} same-person pairs exist in this set: read the AUC as a check that the metric "
-        "separates people, not as a precise figure. Bent poses (posevaried) lower Body Sim: 2D proportions cannot "
-        "undo foreshortening out of the image plane.",
+        "Multi-reference, posevaried (k frames as references, fused by v2 / averaged by v1; same = a held-out "
+        "frame, different = every fullbody photo; 40 random draws; fullbody has at most 2 photos a person, so "
+        "only k = 1, above):",
+        "",
+        "| k | v1 AUC | v2 AUC |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {m['v1']:.3f} | {m['v2']:.3f} |" for k, m in real["multi"].items()]
+    lines += [
+        "",
+        "Detector conventions vs the synthetic skeleton: mean 2D proportion (over torso length) on the real "
+        "`fullbody` photos and on synthetic frontal standing bodies, and the gap in synthetic population SDs:",
+        "",
+        "| proportion | real (BlazePose) | synthetic | gap (SD) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {r:.3f} | {sy:.3f} | {g:+.1f} |" for k, (r, sy, g) in real["gap"].items()]
+    lines += [
+        "",
+        "### Synthetic skeletons (`bolid.synthetic_bodies`, 2000 bodies, standing or walking)",
+        "",
+        "Same body turned by the yaw below (new pose, camera distance, pitch, roll and detector noise) "
+        "against its yaw-0 view; different bodies at yaw 0. Targets: same body at 30° >= 0.85, different <= 0.2.",
+        "",
+        "| | " + " | ".join(f"yaw {y}°" for y in YAWS) + " | different bodies |",
+        "|---|" + "---|" * (len(YAWS) + 1),
+    ]
+    for name in ("v1", "v2"):
+        cells = [f"{syn['yaw'][y][name]:.3f}" for y in YAWS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {syn['different'][name]:.3f} |")
+    lines += [
+        "",
+        "Keypoint-noise robustness: the same view without and with Gaussian jitter (sigma as a fraction of "
+        "the torso length); mean score.",
+        "",
+        "| | " + " | ".join(f"jitter {100 * j:.0f}%" for j in JITTERS) + " |",
+        "|---|" + "---|" * len(JITTERS),
+    ]
+    for name in ("v1", "v2"):
+        lines.append(f"| {name} | " + " | ".join(f"{syn['noise'][j][name]:.3f}" for j in JITTERS) + " |")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    y30, d = syn["yaw"][30]["v2"], syn["different"]["v2"]
+    lines += [
+        "",
+        "Targets for v2: "
+        f"AUC fullbody {auc['v2', 'fullbody']:.3f} >= 0.97 {met(auc['v2', 'fullbody'] >= 0.97)}; "
+        f"AUC posevaried {auc['v2', 'posevaried']:.3f} >= 0.90 {met(auc['v2', 'posevaried'] >= 0.90)}; "
+        f"same body at 30° {y30:.3f} >= 0.85 {met(y30 >= 0.85)}; different bodies {d:.3f} <= 0.2 {met(d <= 0.2)}. "
+        "v2 stays an option and v1 the default, as v2 does not beat v1 on the real photos. What limits it: "
+        "(1) the detector-convention gap above puts every real photo outside the synthetic training data, so "
+        "its estimates of different real people share one large offset (v2's real scores crowd near 1); "
+        "(2) a single 2D view holds little of the 3D proportions (validation R² below): adults differ by "
+        "~5% in segment ratios, the same order as 1-2% keypoint jitter plus foreshortening of a limb 20° "
+        "out of the image plane (6%). Fusing reference frames on posevaried: v2 AUC "
+        + ", ".join(f"k = {k}: {m['v2']:.3f}" for k, m in real["multi"].items())
+        + " (against the offset in (1), more frames of one real person do not help).",
+    ]
+    val = rec["validation"]
+    per_entry = ", ".join(f"{k[3:]} {v:.2f}" for k, v in val.items() if k.startswith("r2_") and k != "r2_mean")
+    lines += [
+        "",
+        f"v2's network (`bolid/weights/{rec['file']}`, sha256 `{rec['sha256'][:16]}…`): trained by "
+        f"`{rec['command']}` in {rec['train_seconds']:.0f} s; synthetic validation R² {val['r2_mean']:.3f} "
+        f"(per entry {per_entry}), "
+        f"calibration {val['calibration']:.2f} (1 = variances match the errors), mean variance {val['mean_var']:.2f}.",
         "",
         f"Machine: {machine()}, mediapipe {mediapipe.__version__} (BlazePose full, CPU).",
         "",
@@ -192,27 +410,36 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def real_meta_line(meta: dict) -> str:
+    return f"{meta['no_person']} photos without a detected person; BlazePose {1000 * meta['seconds']:.0f} ms per photo."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared testdata folder")
-    parser.add_argument("--min-score", type=float, default=0.5, help="keypoint visibility threshold")
-    parser.add_argument("--stats", action="store_true", help="print the population statistics of the proportions")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section in this markdown file")
     args = parser.parse_args(argv)
     if not (args.data / "fullbody" / "identities.csv").is_file():
         parser.error(f"{args.data}/fullbody/identities.csv not found (set --data or BOLID_SHARED_TESTDATA)")
-    r = measure(args.data, args.min_score)
-    mean, std = r["stats"]
-    if args.stats:
-        print("BODY_STATS_MEAN =", tuple(round(v, 4) for v in mean.tolist()))
-        print("BODY_STATS_STD =", tuple(round(v, 4) for v in std.tolist()))
-    shipped = torch.tensor(BODY_STATS_MEAN), torch.tensor(BODY_STATS_STD)
-    if not (torch.allclose(mean, shipped[0], atol=2e-3) and torch.allclose(std, shipped[1], atol=2e-3)):
-        print("note: these photos' statistics differ from the shipped BODY_STATS_* (see --stats)", file=sys.stderr)
-    section = report(r)
+    torch.set_num_threads(1)
+    sc = Scorers()
+    raw = load_real(args.data)
+    real = measure_real(raw, sc)
+    syn = measure_synthetic(sc)
+    ids = raw["ids"]
+    same = sum(a == b for a, b in itertools.combinations(ids, 2))
+    meta = {
+        "images": len(ids),
+        "identities": len(set(ids)),
+        "same": same,
+        "diff": len(ids) * (len(ids) - 1) // 2 - same,
+        "no_person": raw["no_person"],
+        "seconds": raw["seconds"],
+    }
+    section = report(real, syn, meta)
     if args.write:
         figure = Path(args.write).parent / "docs" / "bodysim_roc.png"
-        plot(r, figure)
+        plot(real, figure)
         section += f"\n\n![Body Sim ROC and score distributions]({figure.relative_to(Path(args.write).parent)})"
     print(section)
     if args.write:

@@ -10,9 +10,11 @@ so that the appearance features look at the person and not at the background.
 
 :class:`BodyIDEncoder` is a plain ``nn.Module`` (no Lightning). Its inputs are
 
-* the body features of :func:`bolid.body.body_features`: keypoint visibility and the 6 pose-invariant
-  proportions with their mask; the normalised keypoint coordinates (the reference *pose*) only when
-  ``include_pose=True``, which is off by default so that a prompt can put the person in a new pose;
+* the body-shape estimate of :mod:`bolid.body_shape` (the frozen ``"loss"`` instance, the one ``L_id``
+  uses): the mean and variance of the body's pose- and viewpoint-invariant 3D proportions, so the
+  encoder knows both the shape and how sure the photo is of it; plus keypoint visibility from
+  :func:`bolid.body.body_features`, and the normalised keypoint coordinates (the reference *pose*) only
+  when ``include_pose=True``, which is off by default so that a prompt can put the person in a new pose;
 * optionally the frozen CLIP embedding of the Gaussian-weighted person crop (``appearance_dim > 0``).
 
 Its output is the *body vector*, diffusers' ``ip_adapter_image_embeds`` entry for the body adapter; the
@@ -26,7 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bolid.body import BODY_INDICES, FEATURE_DIM, body_features
+from bolid.body import BODY_INDICES, NUM_BODY, body_features
+from bolid.body_shape import SHAPE_DIM
+from bolid.body_shape import load as load_shape_model
+
+#: Width of the encoder's keypoint input: coords (24, zero unless include_pose) + visibility (12) +
+#: shape mean (7) + shape variance (7).
+ENCODER_INPUT_DIM = NUM_BODY * 2 + NUM_BODY + 2 * SHAPE_DIM
 
 
 def person_boxes(
@@ -119,7 +127,8 @@ def weight_pixels(pixels: torch.Tensor, weights: torch.Tensor, alpha: float) -> 
 class BodyIDEncoder(nn.Module):
     """Body features (+ appearance embedding) -> body vector ``(B, out_dim)``.
 
-    ``out = MLP(GELU(Linear(body_features) + Linear(LayerNorm(appearance))))``.
+    ``out = MLP(GELU(Linear(keypoint features) + Linear(LayerNorm(appearance))))``; the keypoint features
+    are :meth:`features` (shape estimate, visibility, optionally the pose).
 
     Args:
         out_dim: width of the body vector (the body ``ImageProjection``'s input).
@@ -127,7 +136,7 @@ class BodyIDEncoder(nn.Module):
         appearance_dim: width of the appearance embedding (the image encoder's ``embed_dim``); 0 for a
             keypoint-only encoder.
         include_pose: also feed the raw normalised reference keypoint coordinates (the reference pose).
-            Off by default: identity comes from pose-invariant proportions plus appearance.
+            Off by default: identity comes from the pose-invariant shape estimate plus appearance.
         min_score: keypoints scoring below this are treated as missing.
     """
 
@@ -146,7 +155,9 @@ class BodyIDEncoder(nn.Module):
             )
         self.out_dim, self.appearance_dim = out_dim, appearance_dim
         self.include_pose, self.min_score = include_pose, min_score
-        self.body_in = nn.Linear(FEATURE_DIM, hidden_dim)
+        self.body_in = nn.Linear(ENCODER_INPUT_DIM, hidden_dim)
+        # Frozen and shared with L_id; kept out of the module tree so adapter files hold the encoder only.
+        object.__setattr__(self, "_shape_net", load_shape_model("loss"))
         self.appearance_in = (
             nn.Sequential(nn.LayerNorm(appearance_dim), nn.Linear(appearance_dim, hidden_dim))
             if appearance_dim
@@ -157,8 +168,16 @@ class BodyIDEncoder(nn.Module):
         )
 
     def features(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """The body-feature vector ``(B, FEATURE_DIM)`` (coordinates zeroed unless ``include_pose``)."""
-        return body_features(keypoints.float(), min_score=self.min_score).flat(include_pose=self.include_pose)
+        """``(B, ENCODER_INPUT_DIM)``: coords (zeroed unless ``include_pose``), visibility, shape mean and var."""
+        kp = keypoints.float()
+        if kp.shape[-2] == NUM_BODY:  # the 12 body points alone: the shape model wants COCO-17 (face missing)
+            kp = torch.cat([torch.zeros_like(kp[..., :5, :]), kp], -2)
+        f = body_features(kp, min_score=self.min_score)
+        coords = f.coords if self.include_pose else torch.zeros_like(f.coords)
+        net = self._shape_net.to(kp.device)
+        with torch.no_grad():
+            shape = net(kp, self.min_score)
+        return torch.cat([coords.flatten(-2), f.visibility, shape.mean, shape.var], -1)
 
     def forward(self, keypoints: torch.Tensor, appearance: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``keypoints (B, 17, 3)`` (any pixel frame; the features are scale and shift invariant).

@@ -41,6 +41,11 @@ class ComponentsConfig:
             raise ValueError(f"components.overrides: unknown component: {e}") from None
 
     @property
+    def mini(self) -> bool:
+        """The mini kit (:mod:`bolid.kits.mini`): small components trained on the BoLID-mini world."""
+        return self.kind == "mini"
+
+    @property
     def tiny(self) -> bool:
         return self.kind == "tiny"
 

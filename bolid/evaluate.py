@@ -8,8 +8,12 @@ It works in two layers:
 * :mod:`bolid.cli.eval` and :func:`build_variant`, which turn the ``models`` of a YAML config
   (base SDXL-Lightning, BoLID with an adapter file and per-modality scales) into variants.
 
-**Protocol.** Each identity of a dataset brings ``references`` photos; all go to the model,
-and Body Sim compares against the first. For every (identity, prompt) each model makes K
+**Protocol.** Each identity of a dataset brings ``references`` photos; all go to the model. When the
+identity has a further photo, it is held out: Body Sim compares the generated image with that
+held-out photo, not with a photo that conditioned the generation, so copying the reference's pose or
+viewpoint earns nothing; otherwise Body Sim compares against the first reference. The model without
+identity input (the base model) is scored the same way: its Body Sim is the chance level, reported
+beside every model in results.md. For every (identity, prompt) each model makes K
 images (``images_per_prompt``) with seeds ``seed + k``, k = 0..K-1, in batches of
 ``batch_size``; each image's noise comes from its own CPU ``torch.Generator``, so an image
 does not depend on the batch it was made in, and every model starts from the same noise for
@@ -106,6 +110,13 @@ class Identity:
     name: str
     references: list[Image.Image]
     sources: list[str]
+    held_out: Image.Image | None = None  # a further photo of the person, never shown to the model
+    held_out_source: str | None = None
+
+    @property
+    def body_target(self) -> Image.Image:
+        """The photo Body Sim compares against: the held-out one when there is one, else the first reference."""
+        return self.held_out if self.held_out is not None else self.references[0]
 
 
 @dataclass
@@ -163,7 +174,7 @@ def folder_dataset(name: str, root: str | Path, max_identities: int | None = Non
         files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         images, sources = [], []
         for f in files:
-            if len(images) == references:
+            if len(images) == references + 1:  # the references and one held-out photo
                 break
             try:
                 images.append(load_image(f))
@@ -175,7 +186,8 @@ def folder_dataset(name: str, root: str | Path, max_identities: int | None = Non
                 "dataset %s: identity %s has %d of %d references, skipped", name, sub.name, len(images), references
             )
             continue
-        identities.append(Identity(sub.name, images, sources))
+        extra = (images.pop(), sources.pop()) if len(images) > references else (None, None)
+        identities.append(Identity(sub.name, images, sources, *extra))
         if max_identities is not None and len(identities) >= max_identities:
             break
     if not identities:
@@ -222,14 +234,19 @@ def shard_dataset(
             ident = found.setdefault(meta.identity, Identity(meta.identity, [], []))
             ident.references.append(load_image(sample["jpg"]))
             ident.sources.append(f"{Path(sample['__url__']).name}:{sample['__key__']}")
-            if len(ident.references) == references:
+            if len(ident.references) == references + 1:  # the references and one held-out photo
                 need.discard(meta.identity)
                 if not need:
                     break
         short = sorted(i for i in wanted if len(found.get(i, Identity(i, [], [])).references) < references)
         if short:
             log.warning("dataset %s: %d identities have fewer than %d samples, skipped", name, len(short), references)
-        identities += [found[i] for i in sorted(wanted) if i in found and i not in short]
+        for i in sorted(wanted):
+            if i in found and i not in short:
+                ident = found[i]
+                if len(ident.references) > references:
+                    ident.held_out, ident.held_out_source = ident.references.pop(), ident.sources.pop()
+                identities.append(ident)
     if not identities:
         raise ValueError(f"dataset {name!r}: no identity of split {split!r} has {references} sample(s)")
     return EvalDataset(name, identities[:max_identities] if max_identities else identities)
@@ -302,7 +319,7 @@ class _Batch:
 class _Run:
     """State of one :func:`evaluate` call: output folder, seeds, metrics, manifest."""
 
-    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, faces=None):
+    def __init__(self, out: Path, prompts: Sequence[str], s: RunSettings, clip, pose, faces=None, body_stats=None):
         self.out, self.prompts, self.s, self.clip = out, list(prompts), s, clip
         self.face_scorer = FaceSimilarity(faces) if faces is not None else None
         self.seeds = [s.seed + k for k in range(s.images_per_prompt)]
@@ -311,6 +328,8 @@ class _Run:
             "min_features": s.body_min_features,
             "failure_score": s.body_failure_score,
         }
+        if body_stats is not None:
+            self.body_kwargs.update(mean=body_stats[0], std=body_stats[1])
         self.scorer = BodySimilarity(pose=pose, **self.body_kwargs)
         self.pose = self.scorer.pose  # one extractor for every dataset and model
         self.manifest = open(out / "images.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed by evaluate
@@ -355,7 +374,7 @@ class _Run:
         body = BodySimilarity(pose=self.pose, **self.body_kwargs)
         clip_t = CLIPTextScore(self.clip).to(self.s.device)
         clip_i = CLIPImageSimilarity(self.clip).to(self.s.device)
-        ref_kps = {ident.name: self.scorer.keypoints(ident.references[:1]) for ident in ds.identities}
+        ref_kps = {ident.name: self.scorer.keypoints([ident.body_target]) for ident in ds.identities}
         face = FaceSimilarity(self.face_scorer.faces) if self.face_scorer is not None else None
         ref_faces = {i.name: face.embeddings(i.references[:1]) for i in ds.identities} if face is not None else {}
         named = {"body_sim": body, "clip_t": clip_t, "clip_i": clip_i}
@@ -382,6 +401,7 @@ class _Run:
                 scores = {m: metric.per_sample()[n0:] for m, metric in named.items()}
                 for k, (seed, path) in enumerate(zip(self.seeds, batch.paths, strict=True)):
                     line = {"path": path, "model": variant.name, "dataset": ds.name, "identity": ident.name}
+                    line["body_sim_against"] = ident.held_out_source or ident.sources[0]
                     line.update(prompt_index=pi, prompt=prompt, k=k, seed=seed, settings=variant.settings)
                     line.update({m: _num(v[k]) for m, v in scores.items()})
                     self.manifest.write(json.dumps(line) + "\n")
@@ -412,6 +432,7 @@ def evaluate(
     pose=None,
     record: dict | None = None,
     faces=None,
+    body_stats: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[Row]:
     """Generate, save and score every image, then write results.md/.csv/.json and comparison.png.
 
@@ -429,6 +450,8 @@ def evaluate(
         record: extra settings for results.json and results.md (config file, components, command).
         faces: a :class:`bolid.face_id.FaceAnalyzer` (or a callable building one) for the Face Sim column;
             ``None``: no Face Sim.
+        body_stats: ``(mean, std)`` of the 6 proportions for Body Sim's z-scores (default: the real-photo
+            constants of :mod:`bolid.metrics`; the mini kit passes its world's).
 
     Returns:
         One :class:`Row` per (dataset, model).
@@ -449,7 +472,7 @@ def evaluate(
     if no_identity is None or no_identity.uses_identity:
         raise ValueError("CLIP-I needs a model without identity input (kind: base) to compare against")
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(out, prompts, s, clip, pose, faces)
+    run = _Run(out, prompts, s, clip, pose, faces, body_stats)
     rows: list[Row] = []
     try:
         log.info("generating the no-identity images (%s) for CLIP-I", no_identity.name)
@@ -479,6 +502,9 @@ def evaluate(
     record["datasets"] = {d.name: [i.name for i in d.identities] for d in datasets}
     record["models"] = {v.name: v.settings for v in variants}
     record["no_identity_model"] = no_identity.name
+    record["body_sim_chance_level"] = {
+        r.dataset: _num(torch.tensor(r.metrics["body_sim"].mean)) for r in rows if r.model == no_identity.name
+    }
     record["clip_i_reference"] = {v.name: (v.no_identity or no_identity).name for v in variants}
     if run.face_scorer is not None:
         record["face_sim_model"] = run.face_scorer.faces.settings

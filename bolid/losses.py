@@ -7,8 +7,8 @@ The objective follows the paper draft (``L = L_diff + α_id·L_id + β_clip·L_c
 * ``L_id``: body-identity consistency on an image *generated* by the few-step Lightning branch.
   :class:`DifferentiablePose` runs ViTPose on the generated pixels and reads keypoints from its
   heatmaps with a soft-argmax, so gradients flow from keypoint positions back into the image and the
-  adapter. :func:`body_identity_loss` compares the pose-invariant proportions
-  (:mod:`bolid.body`) of the generated and reference persons, masked to features visible in both;
+  adapter. :func:`body_identity_loss` compares the pose- and viewpoint-invariant body-shape
+  estimates (:mod:`bolid.body_shape`) of the generated and reference persons, weighted by confidence;
   an optional keypoint-position term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves
   same-pose training.
 * ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`), and optionally its image
@@ -166,35 +166,62 @@ def body_identity_loss(
     min_score: float = 0.3,
     gen_min_score: float | None = None,
     pose_weight: float = 0.0,
+    shape_net: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared difference of pose-invariant body proportions, masked to what both persons show.
+    """Distance between the body-shape estimates of the generated and reference persons.
+
+    Both keypoint sets go through the ``"loss"`` instance of :class:`bolid.body_shape.BodyShapeNet` (an
+    independent network from the one Body Sim v2 uses), which gives a pose- and viewpoint-invariant
+    Gaussian estimate ``(mean, var)`` of the body's 3D proportions in prior z-units. Per pair,
+
+        L = sum_d w_d (mean_gen,d - mean_ref,d)^2 / sum_d w_d (2 - var_gen,d - var_ref,d)
+        w_d = 1 / (var_gen,d + var_ref,d)
+
+    The denominator is the expected numerator for two unrelated bodies from the population, so ``L`` is 0
+    for the same shape and about 1 for a random other person, whatever the photos' confidence: the same
+    order as ``L_diff`` (an MSE of unit-variance noise). Entries the photos cannot see (a foreshortened
+    limb) carry little weight. Gradients flow through the generated estimate's mean *and* variance: a
+    generated person that cannot be measured has the prior's estimate and costs about 1, like an unrelated
+    body, so ambiguity earns nothing. (Detaching the weights instead made the loss climb again under
+    optimisation of the keypoints: the optimiser could not see the weights it moved.)
 
     Args:
         generated: ``(B, 17, 3)`` keypoints of the generated images (differentiable in x, y).
-        reference: ``(B, 17, 3)`` keypoints of the references (any pixel scale: the features are ratios).
+        reference: ``(B, 17, 3)`` keypoints of the references (any pixel scale).
         min_score: reference keypoints below this are missing.
-        gen_min_score: generated keypoints below this are missing (the confidence is detached, so the
-            mask itself is not optimised); defaults to ``min_score``.
+        gen_min_score: generated keypoints below this are missing (scores are detached); defaults to
+            ``min_score``.
         pose_weight: weight of the optional keypoint-position term on the normalised coordinates.
+        shape_net: the shape model; defaults to ``bolid.body_shape.load("loss")``.
 
     Returns:
-        ``(loss, valid_fraction)``: the mean over valid features (0 with no gradient-carrying terms when
-        nothing is valid), and the fraction of proportion features that were valid.
+        ``(loss, valid_fraction)``: the mean over pairs where both persons were found (0 with no
+        gradient-carrying terms when none is), and the fraction of such pairs.
     """
+    from bolid.body_shape import load
+
     gen_min_score = min_score if gen_min_score is None else gen_min_score
-    gen = generated.clone()
+    net = load("loss") if shape_net is None else shape_net
+    net = net.to(generated.device)
+    gen = generated.float().clone()
     gen[..., 2] = gen[..., 2].detach()
-    fg = body_features(gen, min_score=gen_min_score)
-    fr = body_features(reference.float(), min_score=min_score)
-    mask = fg.proportions_mask * fr.proportions_mask
-    diff = (fg.proportions - fr.proportions.to(fg.proportions)) ** 2
-    n = mask.sum()
-    loss = (diff * mask).sum() / n.clamp(min=1)
+    eg = net(gen, gen_min_score)
+    with torch.no_grad():
+        er = net(reference.float().to(generated.device), min_score)
+    var_g, var_r = eg.var, er.var
+    w = 1 / (var_g + var_r).clamp(min=1e-6)
+    num = (w * (eg.mean - er.mean) ** 2).sum(-1)
+    den = (w * (2 - var_g - var_r)).sum(-1).clamp(min=1e-3)
+    valid = (eg.found & er.found).to(num.dtype)
+    n = valid.sum()
+    loss = (num / den * valid).sum() / n.clamp(min=1)
     if pose_weight > 0:
+        fg = body_features(gen, min_score=gen_min_score)
+        fr = body_features(reference.float(), min_score=min_score)
         vis = fg.visibility * fr.visibility  # (B, 12)
         pos = ((fg.coords - fr.coords.to(fg.coords)) ** 2).sum(-1)
         loss = loss + pose_weight * (pos * vis).sum() / vis.sum().clamp(min=1)
-    return loss, n / mask.numel()
+    return loss, n / valid.numel()
 
 
 class ClipTextLoss(nn.Module):

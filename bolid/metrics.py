@@ -29,6 +29,12 @@ proportions are visible in both (``too_few_features``). :meth:`BodySimilarity.co
 the mean over scored pairs and the failure rate; with ``failure_score`` set, failures enter the
 mean at that value instead.
 
+**Body Sim v2** (:class:`BodyShapeSimilarity`, an option, not the default): the likelihood ratio of
+"same body" for the pose- and viewpoint-invariant shape estimates of :mod:`bolid.body_shape`, with
+multi-photo references and an ``ambiguous_view`` failure. It stays an option until it beats Body Sim on
+the real-photo measures of ``bench/bench_bodysim.py`` (it does not yet). :class:`BodySimilarity` is also
+exported as :data:`BodyProportionSimilarity`.
+
 **CLIP-T** (:class:`CLIPTextScore`): torchmetrics' ``CLIPScore`` between the generated image and
 its prompt, ``max(100 * cos(E_img, E_text), 0)`` (PuLID reports it on this 0-100 scale).
 
@@ -60,6 +66,8 @@ from bolid.pose import PoseExtractor
 __all__ = [
     "BODY_STATS_MEAN",
     "BODY_STATS_STD",
+    "BodyProportionSimilarity",
+    "BodyShapeSimilarity",
     "BodySimilarity",
     "CLIPImageSimilarity",
     "CLIPTextScore",
@@ -79,6 +87,7 @@ BODY_STATS_STD = (0.0414, 0.0269, 0.0579, 0.0850, 0.0268, 0.0100)
 ImageLike = Image.Image | str | Path | bytes | torch.Tensor
 
 FAILURE_REASONS = ("no_body", "no_reference_body", "too_few_features")
+SHAPE_FAILURE_REASONS = ("no_body", "no_reference_body", "ambiguous_view")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -315,6 +324,127 @@ class BodySimilarity(Metric):
         if self.failure_score is not None:
             values = torch.nan_to_num(values, nan=self.failure_score)
         return values
+
+
+class BodyShapeSimilarity(Metric):
+    """Body Sim v2: agreement of pose- and viewpoint-invariant body-shape estimates, generated vs reference.
+
+    Each image's keypoints (BlazePose by default, as for :class:`BodySimilarity`) go through the ``"metric"``
+    instance of :class:`bolid.body_shape.BodyShapeNet`, a network trained only on synthetic 3D skeletons,
+    which returns a Gaussian estimate of the body's 3D proportions with a per-entry variance. A reference
+    given as several photos (``(N, K, 17, 3)`` keypoints, or a list of K-image lists) is fused by
+    precision weighting. The score is :func:`bolid.body_shape.shape_similarity` (default ``tanh(LLR/2)``:
+    1 = surely the same body, 0 = cannot tell, -1 = surely different). No statistics of real photos enter.
+
+    Failures, never silently dropped: ``no_body``, ``no_reference_body``, and ``ambiguous_view`` (the photo
+    says almost nothing about the body: mean variance above ``max_var``, e.g. a strongly foreshortened view).
+
+    Args:
+        pose: as in :class:`BodySimilarity`.
+        min_score: keypoint visibility threshold.
+        max_var: largest mean variance (1 = prior only) a scored image may have.
+        method: ``"llr"`` or ``"cosine"`` (see :func:`bolid.body_shape.shape_similarity`).
+        failure_score: as in :class:`BodySimilarity`.
+        weights: a folder with other trained weights than the shipped ones.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        pose: PoseExtractor | Callable[[], PoseExtractor] | None = None,
+        min_score: float = 0.5,
+        max_var: float = 0.9,
+        method: str = "llr",
+        failure_score: float | None = None,
+        weights: str | None = None,
+        **kwargs,
+    ):
+        from bolid.body_shape import SIMILARITIES, load
+
+        super().__init__(**kwargs)
+        if not 0.0 <= min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+        if not 0.0 < max_var <= 1.0:
+            raise ValueError(f"max_var must be in (0, 1], got {max_var}")
+        if method not in SIMILARITIES:
+            raise ValueError(f"method must be one of {SIMILARITIES}, got {method!r}")
+        self.net = load("metric", weights)
+        self.min_score, self.max_var, self.method, self.failure_score = min_score, max_var, method, failure_score
+        self._pose = pose if isinstance(pose, PoseExtractor) else None
+        self._pose_factory = None if self._pose is not None else (pose or _default_pose)
+        self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_scored", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("num_pairs", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("num_failed", torch.zeros(len(SHAPE_FAILURE_REASONS), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", [], dist_reduce_fx="cat")
+
+    pose = BodySimilarity.pose
+    keypoints = BodySimilarity.keypoints
+
+    def __getstate__(self) -> dict:
+        # As BodySimilarity: an extractor this metric built is rebuilt on demand after unpickling.
+        state = super().__getstate__()
+        if state.get("_pose_factory") is not None:
+            state["_pose"] = None
+        return state
+
+    def _kps(self, x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and tuple(x.shape[-2:]) == (17, 3):
+            return x
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], (list, tuple)):  # K reference photos per pair
+            k = {len(refs) for refs in x}
+            if len(k) != 1:
+                raise ValueError(f"every reference list needs the same number of photos, got {sorted(k)}")
+            flat = self.keypoints([im for refs in x for im in refs])
+            return flat.view(len(x), k.pop(), 17, 3)
+        return self.keypoints(x)
+
+    def estimate(self, keypoints: torch.Tensor):
+        """:class:`bolid.body_shape.ShapeEstimate` of ``(..., 17, 3)`` keypoints (NaN rows: no person)."""
+        from bolid.body_shape import ShapeEstimate
+
+        kp = keypoints.detach().float().cpu()
+        found = ~torch.isnan(kp).any(dim=(-2, -1))
+        with torch.no_grad():
+            est = self.net(torch.nan_to_num(kp), self.min_score)
+        return ShapeEstimate(est.mean, est.var, est.found & found)
+
+    def update(self, generated, reference) -> None:
+        """``generated``: images or ``(N, 17, 3)``; ``reference``: the same, or K photos per pair as
+        ``(N, K, 17, 3)`` keypoints or a list of N lists of K images (fused into one estimate)."""
+        from bolid.body_shape import fuse, shape_similarity
+
+        gen, ref = self._kps(generated), self._kps(reference)
+        if gen.ndim != 3:
+            raise ValueError(f"generated keypoints must be (N, 17, 3), got {tuple(gen.shape)}")
+        if gen.shape[0] != ref.shape[0]:
+            raise ValueError(f"generated and reference batches differ in size: {gen.shape[0]} vs {ref.shape[0]}")
+        g = self.estimate(gen)
+        r = self.estimate(ref)
+        if ref.ndim == 4:
+            r = fuse(r)
+        sim, reason = shape_similarity(g, r, max_var=self.max_var, method=self.method)
+        ok = reason < 0
+        dev = self.similarity_sum.device
+        self.similarity_sum += sim[ok].double().sum().to(dev)
+        self.num_scored += int(ok.sum())
+        self.num_pairs += len(sim)
+        self.num_failed += torch.bincount(reason[~ok], minlength=len(SHAPE_FAILURE_REASONS)).to(dev)
+        self.values.append(sim.float().to(dev))
+
+    compute = BodySimilarity.compute
+    per_sample = BodySimilarity.per_sample
+
+    def failures(self) -> dict[str, int]:
+        """Failure counts by reason (see :data:`SHAPE_FAILURE_REASONS`)."""
+        return {name: int(n) for name, n in zip(SHAPE_FAILURE_REASONS, self.num_failed, strict=True)}
+
+
+#: Today's metric under a name that says what it compares (Body Sim v1: standardised 2D proportions).
+BodyProportionSimilarity = BodySimilarity
 
 
 # ------------------------------------------------------------------------------------------------- CLIP

@@ -178,10 +178,11 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             cells += [r.metrics[m].cell(digits[m]) if r else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     run = record.get("run", {})
+    pose = (record.get("body_sim") or {}).get("pose", "BlazePose")
     lines += [
         "",
         f"Mean ± 95% CI half-width (percentile bootstrap over identities, {run.get('ci_resamples')} resamples). "
-        "Body Sim: cosine of standardised body proportions (BlazePose), mean over images where a body was found; "
+        f"Body Sim: cosine of standardised body proportions ({pose}), mean over images where a body was found; "
         "CLIP-T: CLIPScore (0-100) with the prompt; CLIP-I: CLIP image cosine with the no-identity image of the "
         f"same prompt and seed (by {record.get('no_identity_model')}, or by a peer's own base model: see "
         "clip_i_reference in the settings; 1 for a base model by definition)."
@@ -192,6 +193,16 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             else ""
         ),
         "",
+    ]
+    chance = {d: v for d, v in (record.get("body_sim_chance_level") or {}).items() if v is not None}
+    if chance:
+        lines += [
+            f"Body Sim chance level: {record.get('no_identity_model')} (no identity input) scored against the same "
+            "photos: " + ", ".join(f"{d} {v:.3f}" for d, v in chance.items()) + ". A model keeps the body only as far "
+            "as it scores above this.",
+            "",
+        ]
+    lines += [
         "## Body Sim failures",
         "",
         "| Dataset | Model | pairs | failure rate | no body | no reference body | too few features |",

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         help="crawler output (with manifest.jsonl) or a folder of <identity>/<image> files",
     )
     b.add_argument("--out", dest="out_dir", required=True, metavar="OUT", help="output folder for shards and index")
-    b.add_argument("--components", choices=["real", "tiny"], help="override the config: real weights or the tiny kit")
+    b.add_argument("--components", choices=["real", "tiny", "mini"], help="override the config: real, tiny or mini kit")
     b.add_argument("--device", help="torch device for the models (cpu, cuda, cuda:1; default: config, auto)")
     b.add_argument("--batch-size", type=int, help="images per model batch for pose and captions (default: config)")
     b.add_argument("--workers", type=int, help="CPU worker processes for decode/resize/encode (0: in-process)")

@@ -172,6 +172,13 @@ class Captioner:
         if self.model is not None:
             return
         dtype = self.config.resolved_dtype()
+        if self.config.components.mini:  # zero-shot over the mini world's captions with the mini CLIP
+            from bolid.kits.mini import clip
+            from bolid.mini.caption import ZeroShotCaptioner
+
+            self.device, self.dtype = self.config.resolved_device(), dtype
+            self.model, self.input_size = ZeroShotCaptioner(*clip(), device=self.device), None
+            return
         from bolid.components import load
 
         model, processor = load("blip2", self.config.components, torch_dtype=dtype)
@@ -191,6 +198,8 @@ class Captioner:
         import torch
 
         self.load()
+        if self.config.components.mini:
+            return [{"caption": c} for c in self.model(images)]
         prompt = self.config.caption.prompt
         kwargs = {"text": [prompt] * len(images)} if prompt else {}
         inputs = self.processor(images=images, return_tensors="pt", **kwargs).to(self.device)

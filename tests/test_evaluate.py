@@ -69,6 +69,22 @@ def test_shard_dataset_reads_the_held_out_identities(shards):
         shard_dataset("x", [shards], "test", references=3)
 
 
+def test_a_further_photo_is_held_out_for_body_sim(shards, tmp_path, fixtures):
+    """With more photos than references, the model gets the references and Body Sim the held-out photo."""
+    ds = shard_dataset("test", [shards], "test", references=1)
+    for ident in ds.identities:  # 2 photos each: 1 reference + 1 held out
+        assert len(ident.references) == 1 and ident.held_out is not None
+        assert ident.held_out_source != ident.sources[0] and ident.body_target is ident.held_out
+    assert all(i.held_out is None for i in shard_dataset("test", [shards], "test", references=2).identities)
+    (tmp_path / "p").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(fixtures / "coco_000000000785.jpg", tmp_path / "p" / name)
+    (ident,) = folder_dataset("f", tmp_path, references=2).identities
+    assert [Path(s).name for s in ident.sources] == ["a.jpg", "b.jpg"] and Path(ident.held_out_source).name == "c.jpg"
+    (ident,) = folder_dataset("f", tmp_path, references=3).identities
+    assert ident.held_out is None and ident.body_target is ident.references[0]
+
+
 def test_folder_dataset_skips_what_it_cannot_use(photos):
     ds = folder_dataset("photos", photos)
     assert [i.name for i in ds.identities] == ["skier"]
@@ -257,6 +273,11 @@ def test_every_image_is_saved_with_its_settings(run):
         settings = read_settings(out / line["path"])
         assert settings["seed"] == line["seed"] == line["k"]
         assert settings["prompt"] == line["prompt"] and settings["model"] == line["model"]
+    demo = [line for line in lines if line["dataset"] == "Demo test"]
+    assert len({line["body_sim_against"] for line in demo}) == 1  # the identity's held-out photo ...
+    for line in demo:  # ... which no model was given
+        if line["model"] != "SDXL-Lightning":
+            assert line["body_sim_against"] not in read_settings(out / line["path"])["reference_files"]
     bolid = next(line for line in lines if line["model"] == "BoLID body only")
     settings = read_settings(out / bolid["path"])
     assert (settings["scale_face"], settings["scale_body"]) == (0.0, 1.0)

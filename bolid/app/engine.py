@@ -40,14 +40,15 @@ from PIL import Image
 
 from bolid.app.draw import draw_reference
 from bolid.cli import generate as generate_cli
-from bolid.images import ImageError, image_size
+from bolid.images import MAX_IMAGE_PIXELS, ImageError, image_size
 from bolid.metrics import FAILURE_REASONS, BodySimilarity, body_similarity
 from bolid.reference import NoPersonError, Reference, load_references
 
 log = logging.getLogger(__name__)
 
-#: Uploads with more pixels than this are refused before decoding (the pose model sees ~1 MP anyway).
-MAX_PIXELS = 40_000_000
+#: Uploads with more pixels than this are refused before decoding: the project's one pixel cap (the pose model
+#: sees ~1 MP anyway).
+MAX_PIXELS = MAX_IMAGE_PIXELS
 FAILURE_TEXT = {
     "no_body": "no body found in the generated image",
     "no_reference_body": "no body found in the reference",
@@ -226,7 +227,7 @@ class AppEngine:
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
         try:
-            width, height = image_size(path)
+            width, height = image_size(path, max_pixels=None)  # the cap below names the file and the limit
         except ImageError as e:
             raise ImageError(str(e).replace(str(path), name)) from None
         if width * height > self.max_pixels:

@@ -326,7 +326,25 @@ def run_config(cfg: EvalConfig, record: dict | None = None):
     if cfg.face_pack:
         pack, path, kit = cfg.face_pack, cfg.face_pack_path, cfg.components.kind
         faces = FaceAnalyzer.from_pack(pack, path, kit=kit)  # fails now, not after the first model, if missing
-    return evaluate(variants, datasets, cfg.prompts, cfg.out, clip, no_identity, cfg.run, record=record, faces=faces)
+    pose = stats = None
+    if cfg.components.mini:  # Body Sim with the mini kit's evaluation keypoint model and its world's statistics
+        from bolid.kits import mini
+
+        pose, stats = mini.pose_extractor("eval", device=cfg.run.device), mini.body_stats()
+        record["body_sim"] = {"pose": "mini vitpose_eval", "mean": stats[0], "std": stats[1]}
+    return evaluate(
+        variants,
+        datasets,
+        cfg.prompts,
+        cfg.out,
+        clip,
+        no_identity,
+        cfg.run,
+        pose=pose,
+        record=record,
+        faces=faces,
+        body_stats=stats,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI

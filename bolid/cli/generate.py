@@ -84,10 +84,15 @@ def build_pipeline(args: argparse.Namespace, extractor=None):
 
     if extractor is None and args.pose == "blazepose":
         extractor = BlazePoseExtractor(min_detection_confidence=args.pose_threshold)
+    adapter = args.adapter
+    if adapter is None and args.components == "mini":  # the mini kit ships a trained adapter
+        from bolid.kits.mini import weights_dir
+
+        adapter = weights_dir() / "bolid_stage1"
     pipe = BoLIDPipeline.from_components(
         args.components,
         lightning=args.lightning,
-        adapter=args.adapter,
+        adapter=adapter,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         pose_threshold=args.pose_threshold,

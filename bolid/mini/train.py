@@ -1,0 +1,372 @@
+"""Train the mini kit's components from scratch on a rendered BoLID-mini world (``python -m bolid.mini.train``).
+
+One function per component, each a plain PyTorch loop on the real class (no Lightning: these are the
+*pretrained* parts BoLID itself takes as given). Every loop is resumable: it saves model + optimiser +
+step to ``<work>/<name>.pt`` every ``save_every`` steps and continues from there; a finished component is
+written to ``<out>/<name>.safetensors`` (atomically) and skipped on the next run.
+
+* ``vitpose_train`` / ``vitpose_eval``: heatmap regression (Gaussian targets, MSE) on the exact keypoints;
+  the eval model trains on a *different* world seed.
+* ``clip`` (transformers) and ``eva_clip`` (open_clip): contrastive loss on render/caption pairs.
+* ``vae``: reconstruction (MSE + L1) plus a small KL term; its ``scaling_factor`` (1 / latent std) is stored
+  in the file's metadata.
+* ``unet``: epsilon-prediction diffusion loss on the VAE's latents with the (frozen, random) text encoders'
+  embeddings of the captions, 10% captions dropped for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bolid.files import atomic_write
+from bolid.kits import mini
+from bolid.mini.world import read_labels, write_world
+
+log = logging.getLogger(__name__)
+
+#: name -> default steps (batch 8 to 64): about 12 CPU-minutes in all.
+#: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
+BODY_MIN_SCORE = 0.05
+STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 800, "unet": 500}
+
+
+class World:
+    """A rendered world in memory: images ``(N, 3, 64, 64)`` in [-1, 1], labels, keypoints ``(N, 17, 3)``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.labels = read_labels(root)
+        ims = [np.asarray(Image.open(root / r["photo"]).convert("RGB")) for r in self.labels]
+        self.pixels = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        self.keypoints = torch.tensor([r["keypoints"] for r in self.labels], dtype=torch.float32)
+        self.captions = [r["caption"] for r in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, gen: torch.Generator, size: int) -> torch.Tensor:
+        return torch.randint(len(self), (size,), generator=gen)
+
+
+def _loop(
+    name: str,
+    model: torch.nn.Module,
+    params,
+    step_fn: Callable[[torch.Generator], torch.Tensor],
+    steps: int,
+    work: Path,
+    lr: float,
+    save_every: int = 100,
+) -> None:
+    """Resumable AdamW loop with cosine decay; ``step_fn(generator)`` returns the loss of one batch."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+    )
+    state_file = work / f"{name}.pt"
+    start = 0
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"]
+        log.info("%s: resuming at step %d", name, start)
+    model.train()
+    t0, running = time.time(), None
+    for step in range(start, steps):
+        gen = torch.Generator().manual_seed(step * 7919 + zlib.crc32(name.encode()) % 1000)
+        loss = step_fn(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            rate = (time.time() - t0) / (step + 1 - start)
+            print(f"{name}: step {step + 1}/{steps} loss {running:.4f} ({rate:.2f} s/step)", flush=True)
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            tmp = state_file.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step + 1}, tmp)  # fmt: skip
+            tmp.replace(state_file)
+    model.eval()
+
+
+def _save(model: torch.nn.Module, out: Path, name: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = out / f"{name}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(out / f"{name}.safetensors")
+
+
+def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Colour jitter (brightness/contrast), so the keypoint models also read generated images."""
+    b = pixels.shape[0]
+    gain = 1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    bias = 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    noise = 0.05 * torch.randn(pixels.shape, generator=gen)
+    return (pixels * gain + bias + noise).clamp(-1, 1)
+
+
+def train_vitpose(world: World, kind: str, steps: int, work: Path, batch: int = 32):
+    model, processor = mini.build_vitpose(trained=False, kind=kind)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        side = processor.size["height"]
+        hm_h, hm_w = model(pixel_values=torch.zeros(1, 3, side, side)).heatmaps.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(hm_h).float(), torch.arange(hm_w).float(), indexing="ij")
+
+    def step(gen):
+        idx = world.batch(gen, batch)
+        x = _augment(world.pixels[idx], gen)
+        kp = world.keypoints[idx]
+        cx = kp[..., 0] / 64 * hm_w - 0.5
+        cy = kp[..., 1] / 64 * hm_h - 0.5
+        sigma = hm_w / 32  # 1 heatmap px at 32x32, 2 px at 64x64
+        target = torch.exp(-((xs - cx[..., None, None]) ** 2 + (ys - cy[..., None, None]) ** 2) / (2 * sigma**2))
+        side = processor.size["height"]
+        x = F.interpolate((x + 1) / 2, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        pred = model(pixel_values=(x - mean) / std).heatmaps
+        return F.mse_loss(pred, target) * 1000
+
+    _loop(f"vitpose_{kind}", model, model.parameters(), step, steps, work, lr=1e-3)
+    return model
+
+
+def _clip_pixels(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    x = F.interpolate((x + 1) / 2, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _crop_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random crop of 60-100% of the side, resized back: CLIP sees whole frames and person crops."""
+    b, _, h, w = x.shape
+    out = []
+    for i in range(b):
+        s = int(h * (0.6 + 0.4 * torch.rand(1, generator=gen).item()))
+        y0 = int(torch.randint(0, h - s + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - s + 1, (1,), generator=gen))
+        out.append(F.interpolate(x[i : i + 1, :, y0 : y0 + s, x0 : x0 + s], size=(h, w), mode="bilinear"))
+    return torch.cat(out)
+
+
+def train_clip(world: World, steps: int, work: Path, batch: int = 64):
+    model, processor = mini.build_clip(trained=False)
+    ip = processor.image_processor
+    size = ip.crop_size["height"]
+
+    def step(gen):
+        idx = world.batch(gen, batch)
+        x = _clip_pixels(_crop_jitter(world.pixels[idx], gen), size, ip.image_mean, ip.image_std)
+        tok = processor.tokenizer([world.captions[i] for i in idx], padding=True, return_tensors="pt")
+        ids, mask = tok["input_ids"], tok["attention_mask"]
+        return model(input_ids=ids, attention_mask=mask, pixel_values=x, return_loss=True).loss
+
+    _loop("clip", model, model.parameters(), step, steps, work, lr=1e-3)
+    return model
+
+
+def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
+    import open_clip
+
+    model, _, tokenizer = mini.build_eva_clip(trained=False)
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    loss_fn = open_clip.ClipLoss()
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+
+    def step(gen):
+        idx = world.batch(gen, batch)
+        x = _clip_pixels(_crop_jitter(world.pixels[idx], gen), size, mean, std)
+        out = model(x, tokenizer([world.captions[i] for i in idx]))
+        if isinstance(out, dict):
+            out = (out["image_features"], out["text_features"], out["logit_scale"])
+        return loss_fn(*out[:3])
+
+    _loop("eva_clip", model, model.parameters(), step, steps, work, lr=1e-3)
+    return model
+
+
+def train_vae(world: World, steps: int, work: Path, batch: int = 8):
+    model = mini.build_vae(trained=False)
+
+    def step(gen):
+        x = world.pixels[world.batch(gen, batch)]
+        dist = model.encode(x).latent_dist
+        rec = model.decode(dist.sample(gen)).sample
+        kl = dist.kl().mean() / (16 * 16 * 4)
+        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+
+    _loop("vae", model, model.parameters(), step, steps, work, lr=1e-3)
+    with torch.no_grad():
+        lat = torch.cat(
+            [model.encode(world.pixels[i : i + 256]).latent_dist.mean for i in range(0, min(1024, len(world)), 256)]
+        )
+    return model, {"scaling_factor": round(1.0 / float(lat.std()), 5)}
+
+
+@torch.no_grad()
+def _text_embeddings(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt and pooled embeddings of ``captions`` (diffusers' ``encode_prompt``), batched."""
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = mini.sdxl_components(trained=False)
+    pipe = StableDiffusionXLPipeline(**parts)
+    embeds, pooled = [], []
+    for i in range(0, len(captions), 128):
+        e, _, p, _ = pipe.encode_prompt(captions[i : i + 128], device="cpu", do_classifier_free_guidance=False)
+        embeds.append(e)
+        pooled.append(p)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_text: float = 0.1):
+    from diffusers import DDPMScheduler
+
+    model = mini.build_unet(trained=False)
+    scheduler = DDPMScheduler.from_config(mini.sdxl_components(trained=False)["scheduler"].config)
+    with torch.no_grad():
+        mean = torch.cat([vae.encode(world.pixels[i : i + 256]).latent_dist.mean for i in range(0, len(world), 256)])
+    latents = mean * vae.config.scaling_factor
+    unique = sorted(set(world.captions))
+    emb, pooled = _text_embeddings(unique)
+    # A dropped caption is the zero embedding: SDXL's negative for an empty prompt (force_zeros_for_empty_prompt).
+    emb, pooled = torch.cat([emb, torch.zeros_like(emb[:1])]), torch.cat([pooled, torch.zeros_like(pooled[:1])])
+    cap_idx = torch.tensor([unique.index(c) for c in world.captions])
+    empty = len(unique)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    alphas = scheduler.alphas_cumprod
+
+    def step(gen):
+        idx = world.batch(gen, batch)
+        x0 = latents[idx]
+        c = cap_idx[idx].clone()
+        c[torch.rand(batch, generator=gen) < drop_text] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = {"text_embeds": pooled[c], "time_ids": time_ids.expand(batch, -1)}
+        pred = model(xt, t, encoder_hidden_states=emb[c], added_cond_kwargs=cond).sample
+        return F.mse_loss(pred, noise)
+
+    _loop("unet", model, model.parameters(), step, steps, work, lr=1e-3)
+    return model
+
+
+def write_body_stats(world: World, out: Path) -> None:
+    """``<out>/body_stats.json``: proportion mean/std read by the evaluation keypoint model on ``world``."""
+    from bolid.metrics import keypoints_of, proportion_stats
+
+    extractor = mini.pose_extractor("eval")
+    kps = keypoints_of(extractor, [Image.open(world.root / r["photo"]).convert("RGB") for r in world.labels])
+    exact_mean, exact_std = proportion_stats(world.keypoints, min_score=BODY_MIN_SCORE)
+    d = {"exact_mean": exact_mean.tolist(), "exact_std": exact_std.tolist(), "source": "evaluation keypoint model"}
+    try:
+        mean, std = proportion_stats(kps, min_score=BODY_MIN_SCORE)
+    except ValueError as e:  # an undertrained model (quick runs) sees too few bodies
+        log.warning("body stats from the exact keypoints: the evaluation model %s", e)
+        mean, std, d["source"] = exact_mean, exact_std, "exact keypoints (the evaluation model saw too few bodies)"
+    d.update(mean=mean.tolist(), std=std.tolist())
+    atomic_write(out / "body_stats.json", json.dumps(d, indent=1))
+    print(f"body stats ({d['source']}): mean {d['mean']} std {d['std']}; exact keypoints: std {d['exact_std']}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(out: Path, command: str) -> None:
+    """``<out>/README.md``: each file's size and sha256, and the command that made them."""
+    rows = [
+        f"| `{p.name}` | {p.stat().st_size / 1e6:.2f} MB | `{sha256(p)}` |" for p in sorted(out.glob("*.safetensors"))
+    ]
+    text = (
+        "# BoLID-mini weights\n\nTrained from scratch on CPU by\n\n```\n"
+        + command
+        + "\n```\n\n| file | size | sha256 |\n| --- | --- | --- |\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    atomic_write(out / "README.md", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bolid.mini.train", description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/mini/components", help="worlds and resumable training states")
+    p.add_argument("--out", default=str(mini.weights_dir()), help="where the safetensors go ($BOLID_MINI_WEIGHTS)")
+    p.add_argument("--identities", type=int, default=300)
+    p.add_argument("--photos", type=int, default=8)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every component's steps (quick runs: 0.02)")
+    p.add_argument("--only", nargs="*", choices=list(STEPS), help="train only these components")
+    p.add_argument("--steps", nargs="*", default=[], metavar="NAME=N", help="set a component's steps (resumes past it)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work, out = Path(args.work), Path(args.out)
+    os.environ["BOLID_MINI_WEIGHTS"] = str(out)  # the UNet's latents come from the VAE just written there
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    # Components learn on worlds of their own seeds: none of their people is a BoLID training or test person.
+    worlds = {
+        seed: World(write_world(work / f"world_{seed}", seed, args.identities, args.photos, progress=tqdm))
+        for seed in (101, 102)
+    }
+    todo = args.only or list(STEPS)
+    steps = {k: max(2, int(v * args.scale)) for k, v in STEPS.items()}
+    for item in args.steps:
+        name, _, n = item.partition("=")
+        if name not in STEPS or not n.isdigit():
+            raise SystemExit(f"--steps: expected NAME=N with NAME in {list(STEPS)}, got {item!r}")
+        steps[name] = int(n)
+    w = worlds[101]
+    for name in todo:
+        if (out / f"{name}.safetensors").exists():
+            print(f"{name}: done ({out / f'{name}.safetensors'})")
+            continue
+        meta = None
+        if name == "vitpose_train":
+            model = train_vitpose(w, "train", steps[name], work)
+        elif name == "vitpose_eval":
+            model = train_vitpose(worlds[102], "eval", steps[name], work)
+        elif name == "clip":
+            model = train_clip(w, steps[name], work)
+        elif name == "eva_clip":
+            model = train_eva_clip(w, steps[name], work)
+        elif name == "vae":
+            model, meta = train_vae(w, steps[name], work)
+        else:
+            model = train_unet(w, mini.build_vae(trained=True), steps[name], work)
+        _save(model, out, name, meta)
+        print(f"{name}: wrote {out / f'{name}.safetensors'}")
+    if (out / "vitpose_eval.safetensors").exists():
+        write_body_stats(worlds[101], out)
+    write_manifest(out, "python -m bolid.mini.train " + " ".join(sys.argv[1:] if argv is None else argv))
+    atomic_write(work / "settings.json", json.dumps({**vars(args), "steps": steps}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""BoLID-mini: the world, the trained mini kit, the identity pairs on its shards, and learned body identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bolid.body import body_features
+from bolid.mini.world import iter_world, make_identity, make_photo, render, write_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ world
+
+
+def test_world_is_deterministic_and_identities_do_not_depend_on_the_count():
+    a = [(i.name, np.asarray(im)) for i, _, _, im, _ in iter_world(3, 2, 2)]
+    b = [(i.name, np.asarray(im)) for i, _, _, im, _ in iter_world(3, 4, 2)][:4]
+    assert [n for n, _ in a] == [n for n, _ in b]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+def test_proportions_belong_to_the_person_not_the_photo():
+    """Exact keypoints give the same proportions in every photo of a person (up to the body turn) and
+    different ones for different people: body identity is a real, pose-invariant signal in this world."""
+    people = []
+    for i in range(6):
+        ident = make_identity(0, i)
+        kps = [render(ident, make_photo(0, i, j))[1] for j in range(6)]
+        props = body_features(torch.tensor(np.stack(kps))).proportions[:, :4]  # limbs: unaffected by the turn
+        people.append(props)
+    within = torch.stack([p.std(0) for p in people]).mean()
+    between = torch.stack([p.mean(0) for p in people]).std(0).mean()
+    assert within < 0.02 and between > 3 * within, (within, between)
+
+
+def test_write_world_writes_identity_folders_labels_and_refuses_other_settings(tmp_path):
+    root = write_world(tmp_path / "w", seed=1, identities=3, photos=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["p01_0000", "p01_0001", "p01_0002"]
+    assert len(list(root.glob("*/*.png"))) == 6
+    assert len((root / "labels.jsonl").read_text().splitlines()) == 6
+    write_world(root, seed=1, identities=3, photos=2)  # same settings: kept
+    with pytest.raises(ValueError, match="delete it to re-render"):
+        write_world(root, seed=2, identities=3, photos=2)
+
+
+# --------------------------------------------------------------------------------------------- mini kit
+
+
+def test_mini_keypoint_models_read_the_renders(tmp_path):
+    """Both trained keypoint models find the people of a world none of them trained on, within a few pixels."""
+    from bolid.kits import mini
+
+    world = list(iter_world(7, 8, 2))
+    images = [im for *_, im, _ in world]
+    exact = torch.tensor(np.stack([kp for *_, kp in world]))
+    for kind in ("train", "eval"):
+        persons = mini.pose_extractor(kind)(images)
+        assert all(len(p) == 1 for p in persons), kind
+        found = torch.tensor(np.stack([p[0].keypoints for p in persons]))
+        err = (found[:, 5:, :2] - exact[:, 5:, :2]).norm(dim=-1).median()
+        assert err < 5.0, (kind, float(err))  # pixels of a 64 px image; random weights: > 15
+
+
+def test_mini_clip_matches_renders_to_their_captions():
+    from bolid.kits import mini
+    from bolid.mini.caption import ZeroShotCaptioner
+
+    world = list(iter_world(7, 12, 2))
+    captioner = ZeroShotCaptioner(*mini.clip())
+    said = captioner([im for *_, im, _ in world])
+    scenes = [p.scene for _, _, p, _, _ in world]
+    assert sum(s in c for s, c in zip(scenes, said, strict=True)) >= 0.8 * len(world)
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+@pytest.fixture(scope="module")
+def mini_shards(tmp_path_factory) -> Path:
+    """The real datapipe with configs/shards/mini.yaml on a 20-person world."""
+    from datapipe.__main__ import main as datapipe_main
+    from demo.mini import write_config
+
+    root = tmp_path_factory.mktemp("mini")
+    world = write_world(root / "world", seed=5, identities=20, photos=5)
+    config = write_config("shards", root)
+    assert datapipe_main(["build", "--config", str(config), "--in", str(world), "--out", str(root / "shards")]) == 0
+    return root / "shards"
+
+
+def test_datamodule_pairs_never_cross_identities_or_splits(mini_shards):
+    from bolid.shards import read_index
+    from bolid.train.datamodule import PairDataModule
+
+    index = read_index(mini_shards)
+    train_ids = set(index.identities_in("train"))
+    held_out = set(index.identities_in("validation")) | set(index.identities_in("test"))
+    assert len(train_ids) >= 10 and held_out and not train_ids & held_out
+    dm = PairDataModule(str(mini_shards), resolution=64, batch_size=4, num_workers=0, shuffle_buffer=8)
+    dm.setup("fit")
+    seen = set()
+    for batch in dm.train_dataloader():
+        for ident, key, ref in zip(batch["identity"], batch["key"], batch["ref_key"], strict=True):
+            assert key != ref
+            assert key.rsplit("_", 1)[0] == ref.rsplit("_", 1)[0] == ident  # one person per pair
+            assert ident in train_ids  # never a validation or test person
+            seen.add(ident)
+    assert len(seen) >= 10
+
+
+# ------------------------------------------------------------------------------- learned body identity
+
+PROMPT = "a photo of a person in a studio, wearing a white shirt and black trousers"
+HELD_OUT_SEED = 9  # a world none of the mini components nor the committed adapter has seen
+SWAP_MARGIN = 0.1  # Body Sim margin the learned identity must clear (noise of 6 pairs x 4 images: ~0.08)
+IDENTITY_GAIN = 0.1
+#: The committed weights do not learn body identity yet (docs/mini/README.md): a 500-step UNet draws scenes,
+#: not people, and the 800-step keypoint models separate people no better than chance (AUC 0.54 / 0.48).
+#: strict: once longer training makes these pass, the marker must go.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="BoLID-mini weights undertrained (docs/mini/README.md)")
+
+
+@pytest.fixture(scope="module")
+def mini_pipe():
+    from bolid.kits import mini
+    from bolid.pipeline import BoLIDPipeline
+
+    return BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def body_sim():
+    """Body Sim with the mini kit's *evaluation* keypoint model (not the one the adapter was trained with)."""
+    from bolid.kits import mini
+
+    mean, std = mini.body_stats()
+    extractor = mini.pose_extractor("eval")
+
+    def score(images, reference) -> float:
+        from bolid.metrics import BodySimilarity
+
+        metric = BodySimilarity(pose=extractor, mean=mean, std=std, failure_score=0.0)
+        metric.update(images, [reference] * len(images))
+        return float(metric.compute()["body_sim"])
+
+    return score
+
+
+def _references(n: int):
+    """The first photo of ``n`` held-out people."""
+    return [im for _, j, _, im, _ in iter_world(HELD_OUT_SEED, n, 1) if j == 0]
+
+
+def _generate(pipe, reference=None, seed: int = 0, **kw):
+    return pipe(PROMPT, references=None if reference is None else [reference], seed=seed, num_images=4, steps=8,
+                guidance_scale=3.0, **kw).images  # fmt: skip
+
+
+@UNDERTRAINED
+@pytest.mark.slow
+def test_swapping_the_reference_moves_the_body_toward_the_new_person(mini_pipe, body_sim):
+    """Conditioning on A's photo must make bodies closer to A than to B, and B's photo closer to B:
+    the margin sim(gen_A, A) - sim(gen_A, B), averaged over pairs of held-out people, is clearly positive."""
+    refs = _references(8)
+    margins = []
+    for i in range(0, 8, 2):
+        a, b = refs[i], refs[i + 1]
+        gen_a, gen_b = (
+            _generate(mini_pipe, a, seed=i),
+            _generate(mini_pipe, b, seed=i),
+        )  # same seeds: only the ref differs
+        margins.append(body_sim(gen_a, a) - body_sim(gen_a, b) + body_sim(gen_b, b) - body_sim(gen_b, a))
+    assert np.mean(margins) > SWAP_MARGIN, margins
+
+
+@UNDERTRAINED
+@pytest.mark.slow
+def test_bodies_follow_the_reference_only_with_the_identity_on(mini_pipe, body_sim):
+    """Replaces the fixed-noise overfit test: with the trained adapter on, generated bodies are closer to
+    the reference person than the base model's (same seeds, no identity) are."""
+    refs = _references(6)
+    with_id = [body_sim(_generate(mini_pipe, r, seed=k), r) for k, r in enumerate(refs)]
+    without = [body_sim(_generate(mini_pipe, None, seed=k), r) for k, r in enumerate(refs)]
+    assert np.mean(with_id) - np.mean(without) > IDENTITY_GAIN, (with_id, without)
+
+
+# ------------------------------------------------------------------------------------------- make mini
+
+
+@pytest.mark.slow
+def test_make_mini_quick_runs_every_stage_and_resumes(tmp_path):
+    """``make mini MINI_ARGS=--quick``: world -> shards -> stage 1, ablation, stage 2 -> eval -> docs; a second
+    run reuses every finished stage (same table, adapters untouched)."""
+    import json
+
+    from demo.mini import main
+
+    out, docs = tmp_path / "run", tmp_path / "docs"
+    assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    table = (docs / "results.md").read_text()
+    for model in ("Base (no identity)", "BoLID face only", "BoLID body only", "BoLID stage 1", "BoLID stage 2",
+                  "Ablation: no appearance"):  # fmt: skip
+        assert f"| {model} |" in table
+    assert (docs / "comparison.png").stat().st_size > 0
+    settings = json.loads((docs / "settings.json").read_text())
+    assert settings["world"]["identities"] == 12 and "stage1" in settings["configs"]
+    adapters = {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in ("stage1", "stage2")}
+    assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    assert {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in adapters} == adapters
+    assert (docs / "results.md").read_text() == table
