@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint format demo mini crawl shards train eval bench app browser
+.PHONY: help setup test lint format demo mini crawl shards train eval bench app browser check-real-size bench-gpu
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,3 +76,19 @@ bench:  ## run every benchmark in bench/ and rewrite BENCHMARKS.md
 	$(PY) -m bench.bench_crawl --write BENCHMARKS.md
 	$(PY) -m bench.bench_train_data --write BENCHMARKS.md
 	$(PY) -m bench.bench_bodysim --write BENCHMARKS.md
+	$(PY) -m bench.bench_executors --write BENCHMARKS.md
+
+check-real-size:  ## real-size models, random weights, CPU: stage-1/2 steps, generate, annotate (needs 18 GB free)
+	@avail=$$(free -g | awk '/^Mem:/ {print $$7}'); if [ "$$avail" -lt 18 ]; then \
+	  echo "check-real-size: needs >= 18 GB available memory, free -g shows $$avail GB; try again later"; exit 1; fi
+	@$(if $(filter command line,$(origin REAL_SIZE_STEPS)),,rm -f runs/real_size/figures.json;) status=0; \
+	for step in $(REAL_SIZE_STEPS); do \
+	  BOLID_REAL_SIZE=1 BOLID_REAL_SIZE_REPORT=BENCHMARKS.md nice -n 10 $(PY) -m pytest -p no:cacheprovider -q \
+	    -m real_size "tests/test_real_size.py::$$step" $(PYTEST_ARGS) || status=1; \
+	done; exit $$status
+# Default: all four steps, a fresh figures table; REAL_SIZE_STEPS=... reruns some and keeps the others' figures.
+REAL_SIZE_STEPS ?= test_stage1_training_step test_stage2_training_step test_generate_one_image \
+	test_datapipe_annotate_batch
+
+bench-gpu:  ## paper-scale GPU benchmark, random kit, <= 8 min: BENCHMARKS.md + runs/bench_gpu/ (SMOKE=1: tiny, CPU)
+	$(PY) -m bench.bench_gpu $(if $(SMOKE),--smoke,--write BENCHMARKS.md) $(BENCH_GPU_ARGS)

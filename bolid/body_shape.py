@@ -348,7 +348,12 @@ def save(net: BodyShapeNet, instance: str, figures: dict, command: str, seconds:
 
 @functools.cache
 def load(instance: str = "metric", folder: str | None = None) -> BodyShapeNet:
-    """The shipped (or a trained) instance, frozen. ``instance``: ``"metric"`` (Body Sim) or ``"loss"`` (L_id)."""
+    """The shipped (or a trained) instance, frozen. ``instance``: ``"metric"`` (Body Sim) or ``"loss"`` (L_id).
+
+    Leaves torch's global random state as it was: the instance is cached, so a first (loading) call that drew
+    from it for the overwritten random init would shift every later random init by whether the instance was
+    already loaded (e.g. a ``BodyIDEncoder`` built in the same process would get different weights).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -359,7 +364,8 @@ def load(instance: str = "metric", folder: str | None = None) -> BodyShapeNet:
         raise FileNotFoundError(f"{path} not found: python -m bolid.body_shape train --instance {instance}")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    net = BodyShapeNet(hidden=int(meta["hidden"]), depth=int(meta["depth"]))
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten below: it must not consume the global RNG
+        net = BodyShapeNet(hidden=int(meta["hidden"]), depth=int(meta["depth"]))
     net.load_state_dict(load_file(str(path)))
     return net.eval().requires_grad_(False)
 

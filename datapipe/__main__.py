@@ -1,8 +1,10 @@
 """``python -m datapipe``: build identity-grouped WebDataset shards from crawled or own photos.
 
 python -m datapipe build --config configs/shards/real.yaml --in IN --out OUT
-python -m datapipe build ... --num-parts 8 --part 3     # one of 8 machines
-python -m datapipe merge OUT                            # after all parts finished
+python -m datapipe build ... --num-parts 8 --executor ray --ray-address auto   # 8 parts on a Ray cluster
+python -m datapipe build ... --num-parts 8 --executor slurm [--dry-run]        # an sbatch array + merge job
+python -m datapipe build ... --num-parts 8 --part 3     # just part 3 (what each Slurm array task runs)
+python -m datapipe merge OUT                            # after all parts finished (the executors do it)
 python -m datapipe verify OUT                           # re-check every shard's size, sha256 and samples
 python -m datapipe remove OUT --identity NAME --sha256 HASH   # take people or photos out (rewrites their shards)
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from datapipe import __doc__ as PACKAGE_DOC
 
@@ -50,11 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--num-parts",
         type=int,
-        default=1,
         metavar="N",
-        help="split the identities into N parts, one per machine (default 1)",
+        help="split the identities into N parts, balanced by photos (default: config num_parts, 1)",
     )
-    b.add_argument("--part", type=int, default=0, metavar="I", help="which part this run builds, 0 <= I < N")
+    b.add_argument(
+        "--part",
+        type=int,
+        metavar="I",
+        help="build only part I (0 <= I < N) here and do not merge; without it the executor runs every part",
+    )
+    b.add_argument(
+        "--executor",
+        choices=["local", "ray", "slurm"],
+        help="what runs the parts: local (this machine), ray, slurm (default: config executor, local)",
+    )
+    b.add_argument("--ray-address", help="Ray cluster to join (host:6379, ray://host:10001, auto); default: config")
+    b.add_argument("--retries", type=int, help="start a failed part again this many times (default: config, 1)")
+    b.add_argument("--dry-run", action="store_true", help="slurm: write and print the sbatch scripts, submit nothing")
 
     m = sub.add_parser(
         "merge",
@@ -85,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command-line settings a Slurm job must repeat (the YAML holds the rest)."""
+    flags = {"components": "--components", "device": "--device", "batch_size": "--batch-size", "workers": "--workers"}
+    out = []
+    for key, flag in flags.items():
+        value = getattr(args, key)
+        if value is not None:
+            out += [flag, str(value)]
+    if args.retries is not None:
+        out += ["--retries", str(args.retries)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -99,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
             if args.workers is not None and args.workers < 0:
                 raise ValueError(f"--workers must be >= 0, got {args.workers}")
+            if args.num_parts is not None and args.num_parts < 1:
+                raise ValueError(f"--num-parts must be >= 1, got {args.num_parts}")
             config = BuildConfig.from_yaml(args.config).replace(
                 components=args.components,
                 device=args.device,
@@ -106,7 +136,25 @@ def main(argv: list[str] | None = None) -> int:
                 pose__batch_size=args.batch_size,
                 caption__batch_size=args.batch_size,
             )
-            build(config, args.in_dir, args.out_dir, part=args.part, num_parts=args.num_parts)
+            config = config.replace(
+                executor=args.executor, num_parts=args.num_parts, retries=args.retries, ray__address=args.ray_address
+            )
+            if args.part is not None:
+                if args.dry_run:
+                    raise ValueError("--dry-run writes the scripts for every part; leave out --part")
+                build(config, args.in_dir, args.out_dir, part=args.part, num_parts=config.num_parts)
+            else:
+                from datapipe.executors import run
+
+                result = run(config, args.in_dir, args.out_dir, args.config, _overrides(args), args.dry_run)
+                for name, text in result.get("scripts", {}).items():
+                    print(f"# ---- {name}\n{text}", end="")
+                if args.dry_run:
+                    folder = Path(args.out_dir).resolve() / "slurm"
+                    print(
+                        f"# ---- not submitted; to submit:\n# job=$(sbatch --parsable {folder}/parts.sbatch)\n"
+                        f"# sbatch --dependency=afterok:$job {folder}/merge.sbatch"
+                    )
         elif args.command == "remove":
             from datapipe.remove import remove
 

@@ -38,10 +38,11 @@ from pathlib import Path
 
 from bolid.shards import ShardSample, sample_key, shard_name, shard_pattern
 from datapipe.annotate import Captioner, PoseModel, Verdict, annotate, judge_persons
+from datapipe.balance import assign_sources
 from datapipe.cache import Journal, PartLock, StoredImages
 from datapipe.config import BuildConfig
 from datapipe.index import merge, part_path, part_tag, write_part
-from datapipe.ingest import Item, Source, decide, discover, part_of, run_probes
+from datapipe.ingest import Item, Source, decide, discover, run_probes
 from datapipe.removals import Removals
 from datapipe.stats import Stats
 from datapipe.table import sample_rows, write_rows
@@ -84,6 +85,7 @@ def build(
     part: int = 0,
     num_parts: int = 1,
     progress=_progress,
+    models: Callable | None = None,
 ) -> dict:
     """Run every stage for one part of the identities and write its shards and part index.
 
@@ -95,6 +97,9 @@ def build(
         num_parts: how many parts the identities are split into (one machine each); with 1 the run also
             merges, writing ``index.json`` and ``stats.json``.
         progress: a ``tqdm``-like factory for the per-stage progress bars.
+        models: ``models(stage, config)`` gives the model of ``"pose"`` or ``"caption"``; default: loaded here
+            (:class:`~datapipe.annotate.PoseModel`, :class:`~datapipe.annotate.Captioner`). The Ray executor passes
+            handles on shared actors instead (:mod:`datapipe.executors`).
 
     Returns:
         This part's index (see :func:`datapipe.index.write_part`).
@@ -111,8 +116,9 @@ def build(
         everyone, layout = discover(in_dir)
         if not everyone:
             raise ValueError(f"--in {in_dir}: no images found (expected manifest.jsonl or <identity>/<image> files)")
-        sources = [s for s in everyone if part_of(s.identity, num_parts) == part]
-        others = [s for s in everyone if part_of(s.identity, num_parts) != part]
+        assignment = assign_sources((s.identity for s in everyone), num_parts)
+        sources = [s for s in everyone if assignment[s.identity] == part]
+        others = [s for s in everyone if assignment[s.identity] != part]
         log.info(
             "%s: %d images of %d identities (%s layout), part %d of %d",
             in_dir,
@@ -127,7 +133,7 @@ def build(
         rejects: list[dict] = []
         stored = StoredImages(cache_dir / f"stored-{config.shards.tag}")
         with WorkerPool(config.num_workers) as pool:
-            run = PartRun(config, cache_dir, tag, stored, pool, progress)
+            run = PartRun(config, cache_dir, tag, stored, pool, progress, models or local_model)
             items = _record(stats, rejects, "ingest", *stage_ingest(sources, run, others))
             posed = _record(stats, rejects, "pose", *stage_pose(items, run))
             kept = _record(stats, rejects, "identities", *stage_identities(posed, config.identities.min_photos))
@@ -159,6 +165,11 @@ def build(
 # ------------------------------------------------------------------------------- stages: (kept, rejects)
 
 
+def local_model(stage: str, config: BuildConfig):
+    """The model of a stage, loaded in this process on first use."""
+    return {"pose": PoseModel, "caption": Captioner}[stage](config)
+
+
 @dataclasses.dataclass
 class PartRun:
     """What the stages of one part share: settings, cache folder, part tag, stored images, workers, progress."""
@@ -169,7 +180,11 @@ class PartRun:
     stored: StoredImages
     pool: WorkerPool
     progress: Callable = _progress
+    models: Callable = None  # (stage, config) -> the model; default local_model
     records: dict[str, dict] = dataclasses.field(default_factory=dict)  # ingest's probe record per source path
+
+    def model(self, stage: str):
+        return (self.models or local_model)(stage, self.config)
 
     def task(self, item: Item, draft: tuple[int, int] | None = None) -> StoredTask:
         """The worker task that loads ``item``'s stored pixels (at ``draft`` size, for a model's input)."""
@@ -213,7 +228,7 @@ def stage_ingest(sources: list[Source], run: PartRun, others: list[Source] = ())
 def stage_pose(items: list[Item], run: PartRun) -> tuple[list[tuple[Item, Verdict]], list[dict]]:
     """2. Person and 17 keypoints per image; images without one clear, visible person are rejected."""
     config = run.config
-    pose_model = PoseModel(config)
+    pose_model = run.model("pose")
     journal = Journal(run.cache_dir, f"pose-{pose_model.fingerprint}", run.tag, key="sha256")
     outputs = annotate(items, pose_model, config.pose.batch_size, journal, run.task, run.pool, run.progress, "pose")
     journal.close()
@@ -246,7 +261,7 @@ def stage_identities(
 def stage_caption(kept: list[tuple[Item, Verdict]], run: PartRun) -> tuple[list[tuple[Item, ShardSample]], list[dict]]:
     """4. BLIP-2 captions; never rejects. Returns each item with its complete shard sample."""
     config = run.config
-    captioner = Captioner(config)
+    captioner = run.model("caption")
     journal = Journal(run.cache_dir, f"caption-{captioner.fingerprint}", run.tag, key="sha256")
     kept_items = [it for it, _ in kept]
     captions = annotate(

@@ -3,18 +3,20 @@
 Each YAML section maps to one dataclass below; every field is documented on its class, its type and
 range are its annotation, and :func:`configkit.parse` checks them: an unknown key is an error naming it
 and the closest valid key (a typo never falls back to a default silently). Command-line flags override the
-YAML, checked the same way (``--components``, ``--device``, ``--batch-size``, ``--workers``).
+YAML, checked the same way (``--components``, ``--device``, ``--batch-size``, ``--workers``, ``--executor``,
+``--num-parts``, ``--retries``, ``--ray-address``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 import configkit
 from bolid.config import ComponentsConfig
@@ -142,6 +144,73 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``executor: ray``: parts as Ray tasks, the models as pools of Ray actors (:mod:`datapipe.executors`).
+
+    Attributes:
+        address: the cluster to join (``ray://host:10001``, ``host:6379``, ``auto``); empty starts a local Ray.
+        num_cpus: CPUs of a local Ray (empty: all); ignored when joining a cluster.
+        object_store_mb: object store size of a local Ray in MB (empty: Ray's default).
+        part_cpus: CPUs each part task reserves (its decode/resize workers run inside it).
+        pose_actors: detector + ViTPose actors (each keeps its models loaded across parts and batches).
+        caption_actors: BLIP-2 actors.
+        actor_gpus: GPUs each model actor reserves (fractions share one GPU; 0 on a CPU-only cluster).
+        actor_cpus: CPUs each model actor reserves while it lives (keep ``actors * actor_cpus`` below the cluster's
+            CPUs, or the part tasks cannot start).
+    """
+
+    address: str = ""
+    num_cpus: PositiveInt | None = None
+    object_store_mb: number(int, (">=", 64)) | None = None
+    part_cpus: PositiveFloat = 1.0
+    pose_actors: PositiveInt = 1
+    caption_actors: PositiveInt = 1
+    actor_gpus: NonNegativeFloat = 0.0
+    actor_cpus: NonNegativeFloat = 1.0
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """``executor: slurm``: an ``sbatch --array`` job over the parts and a merge job after it.
+
+    Attributes:
+        python: the interpreter the jobs run (``python -m datapipe``); a path when the cluster's differs.
+        partition: ``--partition`` (empty: the cluster's default).
+        time: ``--time`` per part, e.g. ``"12:00:00"`` (empty: the partition's default).
+        cpus_per_task: ``--cpus-per-task`` of each part (its decode/resize workers).
+        gpus_per_task: ``--gpus-per-task`` of each part (0: none).
+        mem: ``--mem`` per part, e.g. ``"64G"`` (empty: the partition's default).
+        max_parallel: run at most this many parts at once (``--array=0-N%M``); 0: no limit.
+        extra: more ``#SBATCH`` options, each a full option such as ``"--account=vision"``.
+        setup: shell lines run before the command (``module load``, ``source .venv/bin/activate``).
+    """
+
+    python: str = "python"
+    partition: str = ""
+    time: str = ""
+    cpus_per_task: PositiveInt = 8
+    gpus_per_task: NonNegativeInt = 1
+    mem: str = ""
+    max_parallel: NonNegativeInt = 0
+    extra: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        """Rules beyond a type (types and ranges are checked by :func:`configkit.parse`)."""
+        object.__setattr__(self, "extra", tuple(self.extra))
+        object.__setattr__(self, "setup", tuple(self.setup))
+        if not self.python:
+            raise ValueError(f"slurm.python must be an interpreter, got {self.python!r}")
+        for option in self.extra:
+            if not str(option).startswith("--"):
+                raise ValueError(f"slurm.extra must be a list of --options, got {option!r}")
+
+
+Executor = Literal["local", "ray", "slurm"]
+EXECUTORS: tuple[str, ...] = typing.get_args(Executor)
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything ``build`` needs.
 
@@ -151,6 +220,10 @@ class BuildConfig:
         dtype: model dtype: ``auto`` (float16 on CUDA, float32 on CPU), ``float32``, ``float16`` or ``bfloat16``.
         workers: CPU worker processes for decode, resize and encode; 0 runs them in the main process;
             ``auto`` (or -1) uses one per available core.
+        executor: what runs the parts: ``local`` (this machine, one part after another), ``ray`` or ``slurm``
+            (:mod:`datapipe.executors`; their settings are the ``ray`` and ``slurm`` sections).
+        num_parts: how many parts the identities are split into (:mod:`datapipe.balance`).
+        retries: how many times a failed part is started again (it resumes from the cache).
     """
 
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
@@ -163,6 +236,11 @@ class BuildConfig:
     identities: IdentitiesConfig = field(default_factory=IdentitiesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    executor: Executor = "local"
+    num_parts: PositiveInt = 1
+    retries: NonNegativeInt = 1
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def num_workers(self) -> int:
@@ -193,7 +271,7 @@ class BuildConfig:
         components = ComponentsConfig.parse(data.pop("components", "real"))
         if data.get("workers") == "auto":
             data["workers"] = -1
-        for name in ("ingest", "pose", "caption", "identities", "split", "shards"):
+        for name in ("ingest", "pose", "caption", "identities", "split", "shards", "ray", "slurm"):
             if data.get(name, {}) is None:  # an empty section in YAML
                 data[name] = {}
         config = configkit.parse(cls, data, where)

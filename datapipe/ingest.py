@@ -79,11 +79,6 @@ class Item:
         return self.source.identity
 
 
-def part_of(identity: str, num_parts: int) -> int:
-    """The scale-out part (``0 .. num_parts-1``) an identity belongs to: a stable hash of its name."""
-    return int(hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12], 16) % num_parts
-
-
 def discover(in_dir: Path) -> tuple[list[Source], str]:
     """All input images sorted by (identity, path), and the layout found (``manifest`` or ``folders``)."""
     in_dir = Path(in_dir)

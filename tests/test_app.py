@@ -147,7 +147,7 @@ def test_inspect_finds_the_person_and_reports_every_bad_upload_by_name(engine, p
     expected = {
         "notes.jpg": "not a readable image",
         "cut.jpg": "not a readable image",
-        "huge.png": "10000x10000 is 100 MP, over this app's limit of 40 MP",
+        "huge.png": "10000x10000 is 100 MP, over this app's limit of 50 MP",
         "empty-room.png": "no person found",
         "zero.jpg": "empty file",
     }

@@ -93,6 +93,24 @@ def test_body_identity_is_separable_from_pose(coco_keypoints):
     assert (pose_free(tall[None])[0] - out[0]).abs().max() > 1e-3
 
 
+def test_body_encoder_init_does_not_depend_on_the_shape_model_cache(coco_keypoints):
+    # Same seed, same weights and body vector whether the frozen shape model is loaded first or already cached
+    # (the app and `bolid generate` in one process build the encoder in both states).
+    from bolid.body_shape import load
+
+    encoders = []
+    for clear in (True, False):
+        if clear:
+            load.cache_clear()
+        torch.manual_seed(3)
+        encoders.append(BodyIDEncoder(out_dim=8, hidden_dim=16, appearance_dim=4))
+    first, cached = encoders
+    for (name, a), (_, b) in zip(first.state_dict().items(), cached.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    appearance = torch.randn(1, 4)
+    assert torch.equal(first(coco_keypoints[None], appearance), cached(coco_keypoints[None], appearance))
+
+
 def test_body_encoder_with_appearance_needs_it():
     enc = BodyIDEncoder(out_dim=8, hidden_dim=16, appearance_dim=4)
     kp = torch.rand(2, 17, 3) * 50

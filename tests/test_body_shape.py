@@ -181,6 +181,17 @@ def test_loss_and_metric_use_independent_networks():
     assert w_metric.shape != w_loss.shape or not torch.allclose(w_metric, w_loss)
 
 
+def test_loading_leaves_the_global_random_state_alone():
+    # load() is cached: a first call that drew from the global RNG would shift every later random init.
+    load.cache_clear()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    net = load("loss")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert load("loss") is net  # and the second call is the cached instance, also drawing nothing
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_body_shape_similarity_metric(views):
     metric = BodyShapeSimilarity()  # BlazePose is built only if images come: keypoints here
     nan = torch.full((1, 17, 3), float("nan"))

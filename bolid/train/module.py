@@ -93,6 +93,8 @@ class BoLIDTrainingModule(L.LightningModule):
         frozen_dtype: dtype of the frozen models: ``fp32``, ``bf16`` or ``fp16`` (needs a mixed-precision
             Trainer).
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~30% slower).
+        compile_unet: ``torch.compile`` the frozen UNets in place (``nn.Module.compile``; the first steps are slow
+            while it compiles; ``make bench-gpu`` reports whether it pays off on your GPU).
         ema_decay: keep an exponential moving average of the adapter weights with this decay (``null`` = off).
         seed: base seed for per-step randomness.
         sample_every_n_steps: log a sample grid (reference | with ID | without ID) every this many steps
@@ -135,6 +137,7 @@ class BoLIDTrainingModule(L.LightningModule):
         min_score: float = 0.3,
         frozen_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
+        compile_unet: bool = False,
         ema_decay: float | None = None,
         seed: int = 0,
         sample_every_n_steps: int = 0,
@@ -184,7 +187,11 @@ class BoLIDTrainingModule(L.LightningModule):
 
         hp = self.hparams
         wants_lightning = hp.stage == 2 or bool(hp.sample_every_n_steps)
-        parts = comp.build_parts(self.cfg, lightning=wants_lightning and hp.lightning_weights == "unet")
+        # bf16 frozen weights are built (random kit) or loaded in bf16 directly: half the peak memory of a cast.
+        build_dtype = torch.bfloat16 if hp.frozen_dtype == "bf16" else torch.float32
+        parts = comp.build_parts(
+            self.cfg, lightning=wants_lightning and hp.lightning_weights == "unet", torch_dtype=build_dtype
+        )
         eva, _, eva_tok, eva_name = parts.eva_clip
         self.unet = parts.sdxl["unet"]
         self.vae = parts.sdxl["vae"]
@@ -244,6 +251,10 @@ class BoLIDTrainingModule(L.LightningModule):
                 self.lightning_unet.enable_gradient_checkpointing()
         if hp.vae_checkpointing:
             self.vae.enable_gradient_checkpointing()  # the decoder recomputes each up-block in the backward pass
+        if hp.compile_unet:
+            for unet in (self.unet, self.lightning_unet):
+                if unet is not None:
+                    unet.compile()
         self._ema: dict[str, torch.Tensor] | None = None
         self._id_counts = torch.zeros(3)  # steps, steps that ran the ID branch, steps with a valid L_id
         self.cache = None
