@@ -48,13 +48,15 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch import nn
 
+import configkit
 from bolid.attention import (  # noqa: F401 - face_masks and LowRankLinear are part of this module's API
     LowRankLinear,
     cross_attention_layers,
@@ -69,6 +71,7 @@ from bolid.embeds import IdentityEmbeds
 from bolid.face_encoder import FaceEncoder
 from bolid.files import atomic_write
 from bolid.image_encoder import ClipImageEncoder
+from configkit import number
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -107,34 +110,21 @@ class AdapterConfig:
         scale_body: default lambda_body.
     """
 
-    num_tokens: int = DIFFUSERS_IMAGE_PROJ_TOKENS
-    kv_rank: int | None = 16
-    face_hidden_dim: int | None = None
-    body_dim: int | None = None
-    body_hidden_dim: int | None = None
+    num_tokens: PositiveInt = DIFFUSERS_IMAGE_PROJ_TOKENS
+    kv_rank: PositiveInt | None = 16
+    face_hidden_dim: PositiveInt | None = None
+    body_dim: PositiveInt | None = None
+    body_hidden_dim: PositiveInt | None = None
     include_pose: bool = False
     appearance: bool = True
-    sigma: float = 0.1
-    alpha: float = 0.3
-    min_score: float = 0.3
+    sigma: number(float, (">", 0), ("<=", 1)) = 0.1
+    alpha: ClosedUnitInterval = 0.3
+    min_score: ClosedUnitInterval = 0.3
     scale_face: float = 1.0
     scale_body: float = 1.0
 
     def __post_init__(self):
-        if self.num_tokens < 1:
-            raise ValueError(f"adapter.num_tokens must be >= 1, got {self.num_tokens}")
-        if self.kv_rank is not None and self.kv_rank < 1:
-            raise ValueError(f"adapter.kv_rank must be >= 1 or null (full rank), got {self.kv_rank}")
-        for name in ("face_hidden_dim", "body_dim", "body_hidden_dim"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"adapter.{name} must be >= 1 (or null for the default), got {value}")
-        if not 0 < self.sigma <= 1:
-            raise ValueError(f"adapter.sigma must be in (0, 1] (a fraction of the crop side), got {self.sigma}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"adapter.alpha must be in [0, 1], got {self.alpha}")
-        if not 0 <= self.min_score <= 1:
-            raise ValueError(f"adapter.min_score must be in [0, 1], got {self.min_score}")
+        """Types and ranges are checked by :meth:`from_dict` (:mod:`configkit`); the scales must also be finite."""
         _check_scale("scale_face", self.scale_face)
         _check_scale("scale_body", self.scale_body)
 
@@ -148,11 +138,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown adapter setting(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**d)
+        """Settings from a config or ``adapter.json``: errors name ``adapter.<key>`` ("did you mean" for typos)."""
+        return configkit.parse(cls, d, "adapter")
 
 
 def _check_scale(name: str, value: float) -> None:

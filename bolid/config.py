@@ -12,14 +12,16 @@ tiny kit, in either form::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
+import configkit
 from bolid.components import COMPONENTS, KITS
+from configkit import load_yaml
+
+__all__ = ["KINDS", "ComponentsConfig", "load_yaml"]
 
 KINDS = KITS
+Kit = Literal[KITS]
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,16 @@ class ComponentsConfig:
     """Which weights to use: ``kind`` is a kit (:data:`bolid.components.KITS`); ``overrides`` maps component -> id
     or path."""
 
-    kind: str = "real"
+    kind: Kit = "real"
     overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"components.kind must be one of {KINDS}, got {self.kind!r}")
-        unknown = set(self.overrides) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(
-                f"components.overrides has unknown component(s) {sorted(unknown)}; known: {', '.join(COMPONENTS)}"
-            )
+        try:
+            configkit.check_keys(self.overrides, COMPONENTS, "components.overrides")
+        except ValueError as e:
+            raise ValueError(f"components.overrides: unknown component: {e}") from None
 
     @property
     def mini(self) -> bool:
@@ -62,37 +63,7 @@ class ComponentsConfig:
         if isinstance(value, str):
             return cls(kind=value)
         if isinstance(value, dict):
-            extra = set(value) - {"kind", "overrides"}
-            if extra:
-                raise ValueError(f"components: unknown key(s) {sorted(extra)}; valid keys are 'kind' and 'overrides'")
-            return cls(kind=value.get("kind", "real"), overrides=dict(value.get("overrides") or {}))
+            return configkit.parse(
+                cls, {k: ({} if k == "overrides" and v is None else v) for k, v in value.items()}, "components"
+            )
         raise ValueError(f"components must be 'real', 'tiny' or a mapping, got {type(value).__name__}")
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def check_keys(section: dict, allowed: set[str] | dict, where: str) -> None:
-    """Raise ``ValueError`` naming ``where.key`` for any key not in ``allowed`` (catches config typos)."""
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(allowed), n=1)
-            hints.append(f"{where}.{key}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid: {', '.join(sorted(allowed))}")

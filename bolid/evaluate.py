@@ -129,7 +129,8 @@ class EvalDataset:
 
 @dataclass
 class RunSettings:
-    """How the images are made and scored (the YAML's top-level keys of the same names)."""
+    """How the images are made and scored (the YAML's top-level keys of the same names; their types and ranges are
+    checked where the YAML is read, :class:`bolid.cli.eval.EvalFile`)."""
 
     images_per_prompt: int = 4
     seed: int = 0
@@ -142,15 +143,6 @@ class RunSettings:
     body_min_score: float = 0.5
     body_min_features: int = 3
     body_failure_score: float | None = None
-
-    def __post_init__(self):
-        for key in ("images_per_prompt", "batch_size", "comparison_identities", "comparison_prompts"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.ci_resamples < 100:
-            raise ValueError(f"ci_resamples must be >= 100, got {self.ci_resamples}")
-        if self.comparison_tile < 32:
-            raise ValueError(f"comparison.tile must be >= 32 px, got {self.comparison_tile}")
 
 
 # --------------------------------------------------------------------------------------------- datasets

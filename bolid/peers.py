@@ -36,23 +36,28 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import ControlNetModel
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from PIL import Image, ImageDraw
 
+import configkit
 from bolid.components import MissingWeightsError
-from bolid.config import ComponentsConfig, check_keys
+from bolid.config import ComponentsConfig
 from bolid.evaluate import Variant
 from bolid.face_id import FaceAnalyzer, align_face
 
 log = logging.getLogger(__name__)
 
-PEER_KINDS = ("ip_adapter", "ip_adapter_faceid", "instantid")
+PeerKind = Literal["ip_adapter", "ip_adapter_faceid", "instantid"]
+PEER_KINDS: tuple[str, ...] = typing.get_args(PeerKind)
 
 #: Per kind: where the weights are and the settings its authors use; a YAML entry overrides any of them.
 PEER_DEFAULTS: dict[str, dict] = {
@@ -110,7 +115,7 @@ class PeerSpec:
     """
 
     name: str
-    kind: str
+    kind: PeerKind
     weights: str | None = None
     subfolder: str = ""
     weight_name: str | None = None
@@ -118,14 +123,15 @@ class PeerSpec:
     controlnet: str | None = None
     face_pack: str | None = None
     face_pack_path: str | None = None
-    scale: float | None = None
-    controlnet_scale: float | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
+    scale: NonNegativeFloat | None = None
+    controlnet_scale: NonNegativeFloat | None = None
+    steps: PositiveInt | None = None
+    guidance_scale: NonNegativeFloat | None = None
     negative_prompt: str | None = None
     source: str | None = None
 
     def __post_init__(self):
+        """Fill the kind's defaults (types and ranges are checked by :func:`configkit.parse`)."""
         if self.kind not in PEER_KINDS:
             raise ValueError(f"models[{self.name!r}].kind must be one of {PEER_KINDS}, got {self.kind!r}")
         defaults = PEER_DEFAULTS[self.kind]
@@ -135,17 +141,11 @@ class PeerSpec:
         for key in ("image_encoder", "controlnet", "controlnet_scale"):
             if getattr(self, key) is not None and key not in defaults:
                 raise ValueError(f"models[{self.name!r}].{key} does not apply to kind {self.kind!r}")
-        for key in ("scale", "controlnet_scale", "guidance_scale"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"models[{self.name!r}].{key} must be a number >= 0, got {v!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"models[{self.name!r}].steps must be an integer >= 1, got {self.steps!r}")
 
     @classmethod
     def from_dict(cls, entry: dict, where: str) -> PeerSpec:
-        check_keys(entry, {f.name for f in fields(cls)}, where)
-        return cls(**entry)
+        """A ``models`` entry: unknown keys, types and ranges are errors naming ``where`` (:mod:`configkit`)."""
+        return configkit.parse(cls, entry, where)
 
     @property
     def settings(self) -> dict:

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from crawler.config import CrawlConfig
 
+DEFAULTS = CrawlConfig()  # one source of the defaults (crawler.settings), quoted in --help
+
 EPILOG = """\
 examples:
   python -m crawler --out data/crawl --persons emma_watson,johnny_depp
@@ -49,11 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     keep = p.add_argument_group("what to keep")
     keep.add_argument("--out", help="output folder")
     keep.add_argument("--min-size", type=int, metavar="PX", help="minimum width and height in pixels")
-    keep.add_argument("--min-width", type=int, metavar="PX", help="minimum width in pixels (default 1000)")
-    keep.add_argument("--min-height", type=int, metavar="PX", help="minimum height in pixels (default 1000)")
-    keep.add_argument("--min-photos", type=int, help="per-person target reported in persons.jsonl (default 100)")
     keep.add_argument(
-        "--max-image-pixels", type=int, help="reject images with more pixels, from the header (default 50000000)"
+        "--min-width", type=int, metavar="PX", help=f"minimum width in pixels (default {DEFAULTS.min_width})"
+    )
+    keep.add_argument(
+        "--min-height", type=int, metavar="PX", help=f"minimum height in pixels (default {DEFAULTS.min_height})"
+    )
+    keep.add_argument(
+        "--min-photos", type=int, help=f"per-person target reported in persons.jsonl (default {DEFAULTS.min_photos})"
+    )
+    keep.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help=f"reject images with more pixels, from the header (default {DEFAULTS.max_image_pixels})",
     )
     keep.add_argument("--max-response-size", type=int, metavar="BYTES", help="abort larger responses")
     polite = p.add_argument_group("politeness")
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         dest="concurrent_requests_per_domain",
         metavar="N",
-        help="requests in flight to the site at once (default 1)",
+        help=f"requests in flight to the site at once (default {DEFAULTS.concurrent_requests_per_domain})",
     )
     polite.add_argument("--retry-times", type=int, help="retries of 429/5xx/timeouts")
     polite.add_argument(

@@ -1,27 +1,29 @@
 """Settings of ``python -m datapipe build``, read from ``configs/shards/*.yaml``.
 
-Each YAML section maps to one dataclass below; every field is documented on its class and
-checked on construction, and an unknown key is an error naming it (a typo never falls
-back to a default silently). Command-line flags override the YAML (``--components``,
-``--device``, ``--batch-size``, ``--workers``, ``--executor``, ``--num-parts``, ``--retries``, ``--ray-address``).
+Each YAML section maps to one dataclass below; every field is documented on its class, its type and
+range are its annotation, and :func:`configkit.parse` checks them: an unknown key is an error naming it
+and the closest valid key (a typo never falls back to a default silently). Command-line flags override the
+YAML, checked the same way (``--components``, ``--device``, ``--batch-size``, ``--workers``, ``--executor``,
+``--num-parts``, ``--retries``, ``--ray-address``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from bolid.config import ComponentsConfig, check_keys, load_yaml
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+import configkit
+from bolid.config import ComponentsConfig
 from bolid.images import MAX_IMAGE_PIXELS
-from datapipe.resize import RESAMPLE
+from configkit import number
 
-
-def _check(cond: bool, key: str, what: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"{key} must be {what}, got {value!r}")
+Resample = Literal["box", "bilinear", "bicubic", "lanczos"]  # the keys of datapipe.resize.RESAMPLE
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,13 @@ class IngestConfig:
             without decoding them; the same default as the crawler's ``max_image_pixels`` (50 MP).
     """
 
-    min_size: int = 1000
-    near_duplicate_distance: int = 6
-    max_pixels: int = MAX_IMAGE_PIXELS
+    min_size: PositiveInt = 1000
+    near_duplicate_distance: number(int, (">=", -1), ("<=", 32)) = 6
+    max_pixels: PositiveInt = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
-        _check(self.min_size >= 1, "ingest.min_size", "a positive number of pixels", self.min_size)
-        _check(self.max_pixels >= self.min_size**2, "ingest.max_pixels", "at least min_size squared", self.max_pixels)
-        _check(
-            -1 <= self.near_duplicate_distance <= 32,
-            "ingest.near_duplicate_distance",
-            "in [-1, 32]",
-            self.near_duplicate_distance,
-        )
+        if self.max_pixels < self.min_size**2:
+            raise ValueError(f"ingest.max_pixels must be at least min_size squared, got {self.max_pixels!r}")
 
 
 @dataclass(frozen=True)
@@ -69,22 +65,13 @@ class PoseConfig:
         batch_size: images per model batch.
     """
 
-    backend: str = "vitpose"
-    threshold: float = 0.5
-    max_persons: int = 1
-    prominent_area: float = 0.25
-    keypoint_score: float = 0.3
-    min_body_keypoints: int = 6
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _check(self.backend in ("vitpose", "blazepose"), "pose.backend", "'vitpose' or 'blazepose'", self.backend)
-        _check(0.0 <= self.threshold <= 1.0, "pose.threshold", "in [0, 1]", self.threshold)
-        _check(self.max_persons >= 1, "pose.max_persons", ">= 1", self.max_persons)
-        _check(0.0 < self.prominent_area <= 1.0, "pose.prominent_area", "in (0, 1]", self.prominent_area)
-        _check(0.0 <= self.keypoint_score <= 1.0, "pose.keypoint_score", "in [0, 1]", self.keypoint_score)
-        _check(0 <= self.min_body_keypoints <= 12, "pose.min_body_keypoints", "in [0, 12]", self.min_body_keypoints)
-        _check(self.batch_size >= 1, "pose.batch_size", ">= 1", self.batch_size)
+    backend: Literal["vitpose", "blazepose"] = "vitpose"
+    threshold: ClosedUnitInterval = 0.5
+    max_persons: PositiveInt = 1
+    prominent_area: number(float, (">", 0), ("<=", 1)) = 0.25
+    keypoint_score: ClosedUnitInterval = 0.3
+    min_body_keypoints: number(int, (">=", 0), ("<=", 12)) = 6
+    batch_size: PositiveInt = 8
 
 
 @dataclass(frozen=True)
@@ -100,15 +87,9 @@ class CaptionConfig:
     """
 
     prompt: str = "a photo of"
-    max_length: int = 40
-    num_beams: int = 1
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _check(isinstance(self.prompt, str), "caption.prompt", "a string", self.prompt)
-        _check(self.max_length >= 1, "caption.max_length", ">= 1", self.max_length)
-        _check(self.num_beams >= 1, "caption.num_beams", ">= 1", self.num_beams)
-        _check(self.batch_size >= 1, "caption.batch_size", ">= 1", self.batch_size)
+    max_length: PositiveInt = 40
+    num_beams: PositiveInt = 1
+    batch_size: PositiveInt = 8
 
 
 @dataclass(frozen=True)
@@ -119,10 +100,7 @@ class IdentitiesConfig:
         min_photos: drop identities with fewer accepted images than this (100 in the BoLID paper).
     """
 
-    min_photos: int = 100
-
-    def __post_init__(self):
-        _check(self.min_photos >= 1, "identities.min_photos", ">= 1", self.min_photos)
+    min_photos: PositiveInt = 100
 
 
 @dataclass(frozen=True)
@@ -135,14 +113,12 @@ class SplitConfig:
             non-zero fraction gets at least one.
     """
 
-    validation: float = 0.05
-    test: float = 0.05
+    validation: number(float, (">=", 0), ("<", 1)) = 0.05
+    test: number(float, (">=", 0), ("<", 1)) = 0.05
 
     def __post_init__(self):
-        for key in ("validation", "test"):
-            v = getattr(self, key)
-            _check(0.0 <= v < 1.0, f"split.{key}", "in [0, 1)", v)
-        _check(self.validation + self.test < 1.0, "split.validation + split.test", "< 1", self.validation + self.test)
+        if self.validation + self.test >= 1.0:
+            raise ValueError(f"split.validation + split.test must be < 1, got {self.validation + self.test!r}")
 
 
 @dataclass(frozen=True)
@@ -156,16 +132,10 @@ class ShardsConfig:
         samples_per_shard: maximum samples per shard (~300 KB each at 1024 px).
     """
 
-    resolution: int = 1024
-    quality: int = 95
-    resample: str = "bilinear"
-    samples_per_shard: int = 1000
-
-    def __post_init__(self):
-        _check(self.resolution >= 16, "shards.resolution", ">= 16", self.resolution)
-        _check(1 <= self.quality <= 100, "shards.quality", "in [1, 100]", self.quality)
-        _check(self.resample in RESAMPLE, "shards.resample", f"one of {sorted(RESAMPLE)}", self.resample)
-        _check(self.samples_per_shard >= 1, "shards.samples_per_shard", ">= 1", self.samples_per_shard)
+    resolution: number(int, (">=", 16)) = 1024
+    quality: number(int, (">=", 1), ("<=", 100)) = 95
+    resample: Resample = "bilinear"
+    samples_per_shard: PositiveInt = 1000
 
     @property
     def tag(self) -> str:
@@ -190,28 +160,13 @@ class RayConfig:
     """
 
     address: str = ""
-    num_cpus: int | None = None
-    object_store_mb: int | None = None
-    part_cpus: float = 1.0
-    pose_actors: int = 1
-    caption_actors: int = 1
-    actor_gpus: float = 0.0
-    actor_cpus: float = 1.0
-
-    def __post_init__(self):
-        _check(isinstance(self.address, str), "ray.address", "a string", self.address)
-        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", ">= 1 or empty", self.num_cpus)
-        _check(
-            self.object_store_mb is None or self.object_store_mb >= 64,
-            "ray.object_store_mb",
-            ">= 64 or empty",
-            self.object_store_mb,
-        )
-        _check(self.part_cpus > 0, "ray.part_cpus", "> 0", self.part_cpus)
-        _check(self.pose_actors >= 1, "ray.pose_actors", ">= 1", self.pose_actors)
-        _check(self.caption_actors >= 1, "ray.caption_actors", ">= 1", self.caption_actors)
-        _check(self.actor_gpus >= 0, "ray.actor_gpus", ">= 0", self.actor_gpus)
-        _check(self.actor_cpus >= 0, "ray.actor_cpus", ">= 0", self.actor_cpus)
+    num_cpus: PositiveInt | None = None
+    object_store_mb: number(int, (">=", 64)) | None = None
+    part_cpus: PositiveFloat = 1.0
+    pose_actors: PositiveInt = 1
+    caption_actors: PositiveInt = 1
+    actor_gpus: NonNegativeFloat = 0.0
+    actor_cpus: NonNegativeFloat = 1.0
 
 
 @dataclass(frozen=True)
@@ -233,36 +188,26 @@ class SlurmConfig:
     python: str = "python"
     partition: str = ""
     time: str = ""
-    cpus_per_task: int = 8
-    gpus_per_task: int = 1
+    cpus_per_task: PositiveInt = 8
+    gpus_per_task: NonNegativeInt = 1
     mem: str = ""
-    max_parallel: int = 0
+    max_parallel: NonNegativeInt = 0
     extra: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
 
     def __post_init__(self):
+        """Rules beyond a type (types and ranges are checked by :func:`configkit.parse`)."""
         object.__setattr__(self, "extra", tuple(self.extra))
         object.__setattr__(self, "setup", tuple(self.setup))
-        _check(bool(self.python), "slurm.python", "an interpreter", self.python)
-        _check(self.cpus_per_task >= 1, "slurm.cpus_per_task", ">= 1", self.cpus_per_task)
-        _check(self.gpus_per_task >= 0, "slurm.gpus_per_task", ">= 0", self.gpus_per_task)
-        _check(self.max_parallel >= 0, "slurm.max_parallel", ">= 0", self.max_parallel)
+        if not self.python:
+            raise ValueError(f"slurm.python must be an interpreter, got {self.python!r}")
         for option in self.extra:
-            _check(str(option).startswith("--"), "slurm.extra", "a list of --options", option)
+            if not str(option).startswith("--"):
+                raise ValueError(f"slurm.extra must be a list of --options, got {option!r}")
 
 
-EXECUTORS = ("local", "ray", "slurm")
-
-_SECTIONS = {
-    "ingest": IngestConfig,
-    "pose": PoseConfig,
-    "caption": CaptionConfig,
-    "identities": IdentitiesConfig,
-    "split": SplitConfig,
-    "shards": ShardsConfig,
-    "ray": RayConfig,
-    "slurm": SlurmConfig,
-}
+Executor = Literal["local", "ray", "slurm"]
+EXECUTORS: tuple[str, ...] = typing.get_args(Executor)
 
 
 @dataclass(frozen=True)
@@ -283,31 +228,19 @@ class BuildConfig:
 
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     device: str = "auto"
-    dtype: str = "auto"
-    workers: int = -1
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    workers: number(int, (">=", -1)) = -1
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pose: PoseConfig = field(default_factory=PoseConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     identities: IdentitiesConfig = field(default_factory=IdentitiesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
-    executor: str = "local"
-    num_parts: int = 1
-    retries: int = 1
+    executor: Executor = "local"
+    num_parts: PositiveInt = 1
+    retries: NonNegativeInt = 1
     ray: RayConfig = field(default_factory=RayConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    def __post_init__(self):
-        _check(self.executor in EXECUTORS, "executor", " or ".join(EXECUTORS), self.executor)
-        _check(isinstance(self.num_parts, int) and self.num_parts >= 1, "num_parts", ">= 1", self.num_parts)
-        _check(isinstance(self.retries, int) and self.retries >= 0, "retries", ">= 0", self.retries)
-        _check(
-            self.dtype in ("auto", "float32", "float16", "bfloat16"),
-            "dtype",
-            "auto, float32, float16 or bfloat16",
-            self.dtype,
-        )
-        _check(isinstance(self.workers, int) and self.workers >= -1, "workers", "auto or an int >= 0", self.workers)
 
     @property
     def num_workers(self) -> int:
@@ -330,50 +263,37 @@ class BuildConfig:
         return getattr(torch, self.dtype)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> BuildConfig:
-        """Build from a parsed YAML mapping; unknown keys raise ``ValueError`` naming them."""
-        top = {"components", "device", "dtype", "workers", "executor", "num_parts", "retries", *_SECTIONS}
-        check_keys(data, top, where)
-        kwargs: dict[str, Any] = {}
-        for name, klass in _SECTIONS.items():
-            section = data.get(name) or {}
-            if not isinstance(section, dict):
-                raise ValueError(f"{name} must be a mapping, got {type(section).__name__}")
-            check_keys(section, {f.name for f in dataclasses.fields(klass)}, name)
-            kwargs[name] = klass(**section)
-        workers = data.get("workers", "auto")
-        kwargs["workers"] = -1 if workers == "auto" else workers
-        return cls(
-            components=ComponentsConfig.parse(data.get("components", "real")),
-            device=str(data.get("device", "auto")),
-            dtype=str(data.get("dtype", "auto")),
-            executor=str(data.get("executor", "local")),
-            num_parts=data.get("num_parts", 1),
-            retries=data.get("retries", 1),
-            **kwargs,
-        )
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> BuildConfig:
+        """Build from a parsed YAML mapping (:func:`configkit.parse`: unknown keys, types and ranges are checked).
+
+        ``components`` may be a kit name or a mapping (:meth:`ComponentsConfig.parse`); ``workers: auto`` is -1."""
+        data = dict(data)
+        components = ComponentsConfig.parse(data.pop("components", "real"))
+        if data.get("workers") == "auto":
+            data["workers"] = -1
+        for name in ("ingest", "pose", "caption", "identities", "split", "shards", "ray", "slurm"):
+            if data.get(name, {}) is None:  # an empty section in YAML
+                data[name] = {}
+        config = configkit.parse(cls, data, where)
+        return dataclasses.replace(config, components=components)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BuildConfig:
         try:
-            return cls.from_dict(load_yaml(path))
+            return cls.from_dict(configkit.load_yaml(path))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> BuildConfig:
-        """A copy with top-level fields or ``section__field`` entries replaced (``None`` values ignored)."""
-        top: dict[str, Any] = {}
-        sections: dict[str, dict[str, Any]] = {}
+        """A copy with top-level fields or ``section__field`` entries replaced (``None`` values ignored), checked
+        like the YAML (command-line flags go through here)."""
+        data = dataclasses.asdict(self)
         for key, value in changes.items():
             if value is None:
                 continue
             if "__" in key:
                 section, name = key.split("__", 1)
-                sections.setdefault(section, {})[name] = value
+                data.setdefault(section, {})[name] = value
             else:
-                top[key] = value
-        for section, fields in sections.items():
-            top[section] = dataclasses.replace(getattr(self, section), **fields)
-        if "components" in top:
-            top["components"] = ComponentsConfig.parse(top["components"])
-        return dataclasses.replace(self, **top)
+                data[key] = value
+        return type(self).from_dict(data)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import configkit
 from bolid.__main__ import COMMANDS, LIGHTNING_COMMANDS, main
 from bolid.config import ComponentsConfig, load_yaml
 
@@ -47,14 +48,15 @@ def parse_fit_config(path: Path, *extra: str):
     return ParseOnly(BoLIDTrainingModule, PairDataModule, run=False, args=["--config", str(path), *extra])
 
 
-def parse_config(path: Path):
-    """Parse a config with the parser of the command its folder is named for (configs/<command>/*.yaml)."""
+def parse_config(path: Path, command: str | None = None):
+    """Parse a config with the parser of ``command``, by default the one its folder is named for
+    (configs/<command>/*.yaml)."""
     from bolid.cli.eval import EvalConfig
     from bolid.evaluate import load_prompts
     from crawler.config import CrawlConfig
     from datapipe.config import BuildConfig
 
-    command = path.relative_to(CONFIG_DIR).parts[0]
+    command = command or path.relative_to(CONFIG_DIR).parts[0]
     if command == "crawl":
         return CrawlConfig.from_yaml(path)
     if command == "shards":
@@ -64,7 +66,9 @@ def parse_config(path: Path):
     if command == "eval":
         return load_prompts(path) if path.name.endswith("prompts.yaml") else EvalConfig.from_yaml(path)
     if command == "components":
-        return ComponentsConfig.parse(load_yaml(path)["components"])
+        data = load_yaml(path)
+        configkit.check_keys(data, {"components"})
+        return ComponentsConfig.parse(data["components"])
     raise AssertionError(f"{path}: a config belongs in configs/<command>/ (crawl, shards, fit, eval, components)")
 
 
@@ -74,6 +78,44 @@ def test_every_config_parses_with_its_commands_parser(path):
     data = load_yaml(path)
     if "components" in data:
         ComponentsConfig.parse(data["components"])
+
+
+def _misspelled(data: dict) -> tuple[dict, str, str]:
+    """``data`` with one key misspelled (a nested one when the config has a section), the key and its typo."""
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "trainer":
+            inner = next(iter(value))
+            return (
+                {**data, key: {f"{inner}x" if k == inner else k: v for k, v in value.items()}},
+                f"{key}.{inner}",
+                f"{inner}x",
+            )
+    key = next(iter(data))
+    return {f"{key}x" if k == key else k: v for k, v in data.items()}, key, f"{key}x"
+
+
+TYPO_CONFIGS = [p for p in CONFIGS if not p.name.endswith("prompts.yaml")]  # a prompt list has no keys
+
+
+@pytest.mark.parametrize("path", TYPO_CONFIGS, ids=[str(p.relative_to(CONFIG_DIR)) for p in TYPO_CONFIGS])
+def test_every_config_names_a_typo_and_the_key_meant(path, tmp_path, capsys):
+    """One config system: a misspelt key in any config is an error naming the file, the typo and the key meant."""
+    import yaml
+
+    command = path.relative_to(CONFIG_DIR).parts[0]
+    data, key, typo = _misspelled(load_yaml(path))
+    bad = tmp_path / path.name
+    bad.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    if command == "fit":
+        with pytest.raises(SystemExit):
+            parse_fit_config(bad)
+        message = capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError) as info:
+            parse_config(bad, command)
+        message = str(info.value)
+        assert str(bad) in message or command == "components", message
+    assert typo in message and f"did you mean {key}?" in message, message
 
 
 def test_configs_are_grouped_by_command():

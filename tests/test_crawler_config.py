@@ -32,14 +32,15 @@ def test_defaults_are_polite_and_the_yaml_agrees_with_the_settings_module():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"min_widht": 10}, "unknown key"),
+        ({"min_widht": 10}, r"config: unknown config key\(s\): min_widht \(did you mean min_width\?\)"),
         ({"base_url": "www.theplace.ru"}, "base_url"),
         ({"min_width": 0}, "min_width"),
-        ({"min_width": "1000"}, "min_width must be int"),
+        ({"min_width": "1000"}, "min_width must be an int > 0, got '1000'"),
+        ({"persons": 3}, "persons must be a list of strings"),
         ({"max_persons": 0}, "max_persons"),
         ({"download_delay": -1}, "download_delay"),
-        ({"autothrottle": "yes"}, "autothrottle"),
-        ({"log_level": "LOUD"}, "log_level"),
+        ({"autothrottle": "yes"}, "autothrottle must be true or false"),
+        ({"log_level": "LOUD"}, "log_level must be one of 'DEBUG'"),
         ({"max_image_pixels": 10}, "max_image_pixels"),
     ],
 )

@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ from bolid.pose import Person
 from bolid.shards import SHARD_FORMAT, ShardSample, read_index, sample_key
 from datapipe.annotate import Captioner, judge_persons
 from datapipe.cache import Journal, PartLock
-from datapipe.config import BuildConfig, PoseConfig
+from datapipe.config import BuildConfig, PoseConfig, Resample
 from datapipe.index import assign_splits
 from datapipe.phash import hamming, phash
-from datapipe.resize import decode_stored, encode_stored_file, stored_size
+from datapipe.resize import RESAMPLE, decode_stored, encode_stored_file, stored_size
 from datapipe.writer import plan_shards, plan_stable, write_shard
 from demo.synthetic import jpeg_bytes, synthetic_photo
 
@@ -216,15 +217,21 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"identities\.min_photo .*did you mean identities\.min_photos"):
         BuildConfig.from_yaml(bad)
     bad.write_text(base.replace("prominent_area: 0.25", "prominent_area: 2"))
-    with pytest.raises(ValueError, match=r"pose\.prominent_area must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"bad\.yaml: pose\.prominent_area must be a number in \(0, 1\], got 2$"):
         BuildConfig.from_yaml(bad)
     bad.write_text(base.replace("resample: bilinear", "resample: nearest"))
     with pytest.raises(ValueError, match=r"shards\.resample"):
         BuildConfig.from_yaml(bad)
+    bad.write_text(base.replace("batch_size: 16", "batch_size: '16'", 1))
+    with pytest.raises(ValueError, match=r"pose\.batch_size must be an int > 0, got '16'"):
+        BuildConfig.from_yaml(bad)
+    assert set(typing.get_args(Resample)) == set(RESAMPLE)  # the annotation lists exactly the filters resize knows
     config = BuildConfig.from_yaml(ROOT / "configs" / "shards" / "real.yaml")
     changed = config.replace(components="tiny", workers=0, pose__batch_size=3, device=None)
     assert changed.components.tiny and changed.workers == 0 and changed.pose.batch_size == 3
     assert changed.device == config.device and config.pose.batch_size == 16
+    with pytest.raises(ValueError, match=r"pose\.batch_size must be an int > 0, got 0"):  # flags are checked too
+        config.replace(pose__batch_size=0)
 
 
 # --------------------------------------------------------------------------------------------- the format

@@ -133,16 +133,20 @@ def _minimal(**changes) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"modles": []}, r"config\.modles \(did you mean config\.models\?\)"),
+        ({"modles": []}, r"unknown config key\(s\): modles \(did you mean models\?\)"),
         ({"models": [{"name": "m", "kind": "bolid", "scale_bdy": 0}]}, r"models\[0\]\.scale_bdy"),
         ({"models": [{"name": "m", "kind": "lora"}]}, "kind must be one of"),
         ({"models": [{"name": "m", "kind": "base", "adapter": "a"}]}, "takes no adapter"),
         ({"models": [{"name": "m", "kind": "bolid", "scale_face": -1}]}, "scale_face must be a number >= 0"),
         ({"datasets": [{"name": "d", "folder": "f", "shards": ["s"]}]}, "exactly one of 'shards' or 'folder'"),
-        ({"datasets": [{"folder": "f"}]}, r"datasets\[0\] must be a mapping with a 'name'"),
+        ({"datasets": [{"folder": "f"}]}, r"datasets\[0\]: missing key 'name'"),
         ({"generation": {"stpes": 4}}, r"generation\.stpes"),
-        ({"images_per_prompt": 0}, "images_per_prompt must be >= 1"),
+        ({"images_per_prompt": 0}, "images_per_prompt must be an int > 0, got 0"),
         ({"dtype": "fp8"}, "dtype must be one of"),
+        ({"metrics": {"ci_resamples": 50}}, r"metrics\.ci_resamples must be an int >= 100, got 50"),
+        ({"comparison": {"tile": 16}}, r"comparison\.tile must be an int >= 32, got 16"),
+        ({"metrics": {"face_pack": "buffalo"}}, r"metrics\.face_pack must be one of 'antelopev2', 'buffalo_l' or null"),
+        ({"generation": {"steps": "four"}}, r"generation\.steps must be an int > 0 or null, got 'four'"),
     ],
 )
 def test_config_errors_name_the_key(changes, message):

@@ -134,8 +134,11 @@ def test_peer_configs_parse():
     [
         ({"name": "p", "kind": "instantid", "scal": 1}, r"models\[0\]\.scal \(did you mean models\[0\]\.scale\?\)"),
         ({"name": "p", "kind": "ip_adapter", "controlnet_scale": 0.5}, "does not apply to kind 'ip_adapter'"),
-        ({"name": "p", "kind": "ip_adapter_faceid", "scale": -1}, "scale must be a number >= 0"),
-        ({"name": "p", "kind": "instantid", "steps": 0}, "steps must be an integer >= 1"),
+        (
+            {"name": "p", "kind": "ip_adapter_faceid", "scale": -1},
+            r"models\[0\]\.scale must be a number >= 0 or null, got -1",
+        ),
+        ({"name": "p", "kind": "instantid", "steps": 0}, r"models\[0\]\.steps must be an int > 0 or null, got 0"),
     ],
 )
 def test_peer_config_errors_name_the_key(entry, message):

@@ -142,3 +142,25 @@ def test_random_detector_reports_persons():
         out = model(**inputs)
     found = processor.post_process_object_detection(out, target_sizes=torch.tensor([(240, 320)]), threshold=0.5)[0]
     assert len(found["labels"]) > 0 and (found["labels"] == 0).all()  # persons, so ViTPose and the filters run
+
+
+def test_lightning_lora_goes_in_switched_off_and_changes_the_unet_when_on():
+    """``lightning_weights: lora`` on the random kit: the LoRA (Kohya layout, diffusers' loader) sits in the base
+    UNet switched off (output unchanged), and switched on it moves the output. A tiny UNet keeps this cheap; the
+    builder is the random kit's own."""
+    from bolid.kits.tiny import tiny_sdxl_components
+    from bolid.lightning_lora import set_lora_enabled
+
+    unet = tiny_sdxl_components()["unet"].eval()
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10])
+    cond = {"encoder_hidden_states": torch.randn(1, 3, unet.config.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}}  # fmt: skip
+    with torch.no_grad():
+        before = unet(x, t, **cond).sample
+        load("sdxl_lightning_lora", "random", unet=unet, rank=4)
+        off = unet(x, t, **cond).sample
+        set_lora_enabled(unet, True)
+        on = unet(x, t, **cond).sample
+    torch.testing.assert_close(off, before, rtol=0, atol=0)
+    assert (on - before).abs().max() > 1e-3
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora" in n)

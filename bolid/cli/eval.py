@@ -22,51 +22,31 @@ whatever pipeline is loaded, so a table of BoLID, face-only, body-only and base 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 
-from bolid.config import ComponentsConfig, check_keys, load_yaml
+import configkit
+from bolid.config import ComponentsConfig
 from bolid.evaluate import EvalDataset, RunSettings, Variant, evaluate, folder_dataset, load_prompts
 from bolid.face_id import FACE_PACKS, FaceAnalyzer
 from bolid.metrics import clip_loader
 from bolid.peers import PEER_KINDS, PeerSpec, peer_variant
+from configkit import number
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = {
-    "components": "real | tiny | mini | {kind, overrides}",
-    "out": "output folder",
-    "device": "torch device for generation and CLIP",
-    "dtype": "float32 | float16 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)",
-    "prompts": "a YAML file with a 'prompts' list, or the list itself",
-    "max_prompts": "use only the first N prompts",
-    "datasets": "list of datasets (table column groups)",
-    "models": "list of models (table rows)",
-    "generation": "steps, guidance_scale, height, width, lightning, pose_threshold",
-    "metrics": "body_min_score, body_min_features, body_failure_score, ci_resamples",
-    "comparison": "identities, prompts, tile (comparison.png)",
-    "images_per_prompt": "K images per (identity, prompt)",
-    "seed": "image k uses seed + k",
-    "batch_size": "images per generation call",
-}
-DATASET_KEYS = {"name", "shards", "folder", "split", "max_identities", "references"}
-MODEL_KEYS = {"name", "kind", "adapter", "scale_face", "scale_body"}
 MODEL_KINDS = ("base", "bolid")  # and the peers' PEER_KINDS
-GENERATION_KEYS = {"steps", "guidance_scale", "height", "width", "lightning", "pose_threshold"}
-METRIC_KEYS = {
-    "body_min_score",
-    "body_min_features",
-    "body_failure_score",
-    "ci_resamples",
-    "face_pack",
-    "face_pack_path",
-}
-COMPARISON_KEYS = {"identities", "prompts", "tile"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ModelKind = Literal["base", "bolid", "ip_adapter", "ip_adapter_faceid", "instantid"]  # a peer's kind picks PeerSpec
+FacePack = Literal[tuple(FACE_PACKS)]
+_RUN = RunSettings  # the run settings' defaults live on RunSettings; the sections below only add types and ranges
 
 
 @dataclass(frozen=True)
@@ -74,10 +54,10 @@ class ModelSpec:
     """One ``models`` entry."""
 
     name: str
-    kind: str = "bolid"
+    kind: ModelKind = "bolid"
     adapter: str | None = None
-    scale_face: float = 1.0
-    scale_body: float = 1.0
+    scale_face: NonNegativeFloat = 1.0
+    scale_body: NonNegativeFloat = 1.0
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
@@ -85,9 +65,6 @@ class ModelSpec:
             raise ValueError(f"models[{self.name!r}].kind must be one of {kinds}, got {self.kind!r}")
         if self.kind == "base" and (self.adapter is not None or (self.scale_face, self.scale_body) != (1.0, 1.0)):
             raise ValueError(f"models[{self.name!r}]: kind 'base' takes no adapter or scales")
-        for key in ("scale_face", "scale_body"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
-                raise ValueError(f"models[{self.name!r}].{key} must be a number >= 0, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)
@@ -98,14 +75,12 @@ class DatasetSpec:
     shards: tuple[str, ...] = ()
     folder: str | None = None
     split: str = "test"
-    max_identities: int | None = None
-    references: int = 1
+    max_identities: PositiveInt | None = None
+    references: PositiveInt = 1
 
     def __post_init__(self):
         if bool(self.shards) == bool(self.folder):
             raise ValueError(f"datasets[{self.name!r}]: give exactly one of 'shards' or 'folder'")
-        if self.references < 1 or (self.max_identities is not None and self.max_identities < 1):
-            raise ValueError(f"datasets[{self.name!r}]: references and max_identities must be >= 1")
 
     def load(self) -> EvalDataset:
         if self.folder:
@@ -113,6 +88,73 @@ class DatasetSpec:
         from bolid.evaluate import shard_dataset
 
         return shard_dataset(self.name, list(self.shards), self.split, self.max_identities, self.references)
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    """``generation``: passed to every row (a key left out keeps each model's own default)."""
+
+    steps: PositiveInt | None = None
+    guidance_scale: NonNegativeFloat | None = None
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
+    lightning: bool = True
+    pose_threshold: ClosedUnitInterval = 0.5
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """``metrics``: Body Sim's thresholds, the bootstrap, and the Face Sim pack (null: no Face Sim column)."""
+
+    body_min_score: ClosedUnitInterval = _RUN.body_min_score
+    body_min_features: PositiveInt = _RUN.body_min_features
+    body_failure_score: float | None = _RUN.body_failure_score
+    ci_resamples: number(int, (">=", 100)) = _RUN.ci_resamples
+    face_pack: FacePack | None = None
+    face_pack_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ComparisonSection:
+    """``comparison``: the comparison.png grid."""
+
+    identities: PositiveInt = _RUN.comparison_identities
+    prompts: PositiveInt = _RUN.comparison_prompts
+    tile: number(int, (">=", 32)) = _RUN.comparison_tile
+
+
+@dataclass(frozen=True)
+class EvalFile:
+    """The keys of an eval YAML (``configs/eval/*.yaml``), as :func:`configkit.parse` checks them.
+
+    Attributes:
+        components: ``real``, ``tiny`` or ``{kind, overrides}`` (:class:`bolid.config.ComponentsConfig`).
+        out: output folder.
+        prompts: a YAML file with a ``prompts`` list, or the list itself.
+        datasets: the datasets (table column groups), :class:`DatasetSpec` entries.
+        models: the models (table rows), :class:`ModelSpec` or :class:`bolid.peers.PeerSpec` entries.
+        max_prompts: use only the first N prompts.
+        images_per_prompt: K images per (identity, prompt).
+        seed: image k uses seed + k.
+        batch_size: images per generation call.
+        device: torch device for generation and CLIP.
+        dtype: null picks bfloat16 on CUDA, float32 on CPU.
+    """
+
+    out: str
+    prompts: str | list[str]
+    datasets: list[dict]
+    models: list[dict]
+    components: str | dict = "real"
+    max_prompts: PositiveInt | None = None
+    images_per_prompt: PositiveInt = _RUN.images_per_prompt
+    seed: int = _RUN.seed
+    batch_size: PositiveInt = _RUN.batch_size
+    device: str = _RUN.device
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    comparison: ComparisonSection = field(default_factory=ComparisonSection)
 
 
 @dataclass
@@ -131,80 +173,57 @@ class EvalConfig:
     face_pack_path: str | None = None
 
     @classmethod
-    def from_dict(cls, cfg: dict, where: str = "config") -> EvalConfig:
-        check_keys(cfg, TOP_KEYS, where)
-        for key in ("out", "prompts", "datasets", "models"):
-            if key not in cfg:
-                raise ValueError(f"{where}: missing key '{key}' ({TOP_KEYS[key]})")
-        prompts = load_prompts(cfg["prompts"], cfg.get("max_prompts"))
-        datasets = [_dataset(d, i) for i, d in enumerate(_list(cfg, "datasets"))]
-        models = [_model(m, i) for i, m in enumerate(_list(cfg, "models"))]
-        gen = dict(cfg.get("generation") or {})
-        check_keys(gen, GENERATION_KEYS, "generation")
-        metrics = dict(cfg.get("metrics") or {})
-        check_keys(metrics, METRIC_KEYS, "metrics")
-        face = {k: metrics.pop(k, None) for k in ("face_pack", "face_pack_path")}
-        if face["face_pack"] is not None and face["face_pack"] not in FACE_PACKS:
-            raise ValueError(
-                f"metrics.face_pack must be one of {sorted(FACE_PACKS)} or null, got {face['face_pack']!r}"
-            )
-        comparison = dict(cfg.get("comparison") or {})
-        check_keys(comparison, COMPARISON_KEYS, "comparison")
-        run = {k: cfg[k] for k in ("images_per_prompt", "seed", "batch_size", "device") if k in cfg}
-        run.update({k: v for k, v in metrics.items()})
-        run.update({f"comparison_{k}": v for k, v in comparison.items()})
-        dtype = cfg.get("dtype")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
+    def from_dict(cls, cfg: dict, where: str = "") -> EvalConfig:
+        """Check and build (:func:`configkit.parse`): errors name the key, with "did you mean" for typos."""
+        cfg = {k: ({} if v is None and k in ("generation", "metrics", "comparison") else v) for k, v in cfg.items()}
+        f = configkit.parse(EvalFile, cfg, where)
+        metrics, comparison = dataclasses.asdict(f.metrics), dataclasses.asdict(f.comparison)
+        face = {k: metrics.pop(k) for k in ("face_pack", "face_pack_path")}
+        run = RunSettings(
+            images_per_prompt=f.images_per_prompt,
+            seed=f.seed,
+            batch_size=f.batch_size,
+            device=f.device,
+            **metrics,
+            **{f"comparison_{k}": v for k, v in comparison.items()},
+        )
+        given = cfg.get("generation") or {}  # only the keys the YAML sets (the rest: each model's default)
         return cls(
-            components=ComponentsConfig.parse(cfg.get("components", "real")),
-            out=str(cfg["out"]),
-            prompts=prompts,
-            datasets=datasets,
-            models=models,
-            run=RunSettings(**run),
-            generation=gen,
-            dtype=dtype,
+            components=ComponentsConfig.parse(f.components),
+            out=f.out,
+            prompts=load_prompts(f.prompts, f.max_prompts),
+            datasets=[_dataset(d, i) for i, d in enumerate(_non_empty(f.datasets, "datasets"))],
+            models=[_model(m, i) for i, m in enumerate(_non_empty(f.models, "models"))],
+            run=run,
+            generation={k: getattr(f.generation, k) for k in given},
+            dtype=f.dtype,
             **face,
         )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> EvalConfig:
         try:
-            return cls.from_dict(load_yaml(path))
+            return cls.from_dict(configkit.load_yaml(path))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
 
-def _list(cfg: dict, key: str) -> list:
-    value = cfg[key]
-    if not isinstance(value, list) or not value:
+def _non_empty(value: list, key: str) -> list:
+    if not value:
         raise ValueError(f"{key} must be a non-empty list")
     return value
 
 
-def _named(entry, key: str, i: int) -> dict:
-    if not isinstance(entry, dict) or not entry.get("name"):
-        raise ValueError(f"{key}[{i}] must be a mapping with a 'name'")
-    return dict(entry)
+def _dataset(entry: dict, i: int) -> DatasetSpec:
+    if isinstance(entry.get("shards"), str):
+        entry = {**entry, "shards": [entry["shards"]]}
+    return configkit.parse(DatasetSpec, entry, f"datasets[{i}]")
 
 
-def _dataset(entry, i: int) -> DatasetSpec:
-    d = _named(entry, "datasets", i)
-    check_keys(d, DATASET_KEYS, f"datasets[{i}]")
-    shards = d.pop("shards", None) or ()
-    d["shards"] = (shards,) if isinstance(shards, str) else tuple(str(s) for s in shards)
-    return DatasetSpec(**d)
-
-
-def _model(entry, i: int) -> ModelSpec | PeerSpec:
-    m = _named(entry, "models", i)
-    if m.get("kind") in PEER_KINDS:
-        return PeerSpec.from_dict(m, f"models[{i}]")
-    check_keys(m, MODEL_KEYS, f"models[{i}]")
-    if m.get("adapter") is not None:
-        m["adapter"] = str(m["adapter"])
-    return ModelSpec(**m)
+def _model(entry: dict, i: int) -> ModelSpec | PeerSpec:
+    if entry.get("kind") in PEER_KINDS:
+        return PeerSpec.from_dict(entry, f"models[{i}]")
+    return configkit.parse(ModelSpec, entry, f"models[{i}]")
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -340,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    raw = load_yaml(args.config)
+    raw = configkit.load_yaml(args.config)
     for flag, key in (("out", "out"), ("device", "device"), ("images_per_prompt", "images_per_prompt")):
         if getattr(args, flag) is not None:
             raw[key] = getattr(args, flag)

@@ -240,6 +240,17 @@ def sdxl_lightning_unet(
     return unet(seed, device, p.dtype)
 
 
+def sdxl_lightning_lora(source: str | None = None, *, unet, rank: int = 64, seed: int = SEED + 11) -> None:
+    """SDXL-Lightning as a LoRA on the base ``unet``: a random one in the layout of ByteDance's
+    ``sdxl_lightning_4step_lora.safetensors`` (every transformer-block linear layer and resnet convolution), put in
+    switched off as the real kit does. The rank is a stand-in: the real file's rank is not recorded here."""
+    from bolid.lightning_lora import apply_lightning_lora, random_lightning_lora
+
+    p = next(unet.parameters())
+    lora = random_lightning_lora(unet, rank, seed)
+    apply_lightning_lora(unet, {k: v.to(p.dtype) for k, v in lora.items()})
+
+
 # -------------------------------------------------------------------------------------- pose and detection
 
 

@@ -207,26 +207,10 @@ def tiny_lightning_unet(base_unet, seed: int = TINY_SEED + 7):
 
 
 def tiny_lightning_lora(unet, rank: int = 2, seed: int = TINY_SEED + 11) -> dict[str, torch.Tensor]:
-    """A random LoRA for ``unet`` in the Kohya layout of ByteDance's ``sdxl_lightning_4step_lora.safetensors``
-    (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``): every linear layer of the
-    transformer blocks and the resnets' convolutions, as the real one covers."""
-    g = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for name, m in unet.named_modules():
-        linear = isinstance(m, torch.nn.Linear) and ".attentions." in name
-        conv = isinstance(m, torch.nn.Conv2d) and ".resnets." in name and name.endswith(("conv1", "conv2"))
-        if not (linear or conv):
-            continue
-        key = "lora_unet_" + name.replace(".", "_")
-        if linear:
-            down, up = torch.randn(rank, m.in_features, generator=g), torch.randn(m.out_features, rank, generator=g)
-        else:
-            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=g)
-            up = torch.randn(m.out_channels, rank, 1, 1, generator=g)
-        state[f"{key}.lora_down.weight"] = down * 0.1
-        state[f"{key}.lora_up.weight"] = up * 0.1
-        state[f"{key}.alpha"] = torch.tensor(float(rank))
-    return state
+    """A random rank-``rank`` LoRA for the tiny ``unet`` in the real file's layout (:func:`random_lightning_lora`)."""
+    from bolid.lightning_lora import random_lightning_lora
+
+    return random_lightning_lora(unet, rank, seed)
 
 
 def save_tiny_sdxl(path: str | Path, seed: int = TINY_SEED) -> Path:

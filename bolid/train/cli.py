@@ -9,13 +9,26 @@ from __future__ import annotations
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import configkit
 from bolid.train.datamodule import PairDataModule
 from bolid.train.module import BoLIDTrainingModule
 
 
+class BoLIDArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose unknown-key errors also name the closest valid key (as every other config's)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        return super().error(configkit.did_you_mean(message, configkit.parser_keys(parser)), ex)
+
+
 class BoLIDCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parser_class", BoLIDArgumentParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seed", "model.seed")
 
