@@ -330,16 +330,7 @@ class AppEngine:
             base = []
             if request.compare_base:
                 progress(0.6, "generating the base model's images (no identity)")
-                base_result = pipe(
-                    args.prompt,
-                    negative_prompt=args.negative_prompt,
-                    steps=args.steps,
-                    guidance_scale=args.guidance,
-                    seed=args.seed,
-                    num_images=args.num_images,
-                    height=args.height,
-                    width=args.width,
-                )
+                base_result = generate_cli.generate_images(pipe, args, identity=False)
                 base = [
                     (im, f"base model, seed {s}")
                     for im, s in zip(base_result.images, result.settings["seeds"], strict=True)

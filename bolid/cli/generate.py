@@ -102,20 +102,26 @@ def build_pipeline(args: argparse.Namespace, extractor=None):
     return pipe
 
 
-def generate_images(pipe, args: argparse.Namespace):
-    """Run ``pipe`` with the generation options in ``args`` (checked by :func:`check_args`); a ``GenerationResult``."""
+def generate_images(pipe, args: argparse.Namespace, identity: bool = True):
+    """Run ``pipe`` with the generation options in ``args`` (checked by :func:`check_args`); a ``GenerationResult``.
+
+    ``identity=False`` gives the base model's images for the same prompt, seeds and sampling: no references.
+    """
+    conditioning = (
+        {"references": args.references, "scale_face": args.scale_face, "scale_body": args.scale_body}
+        if identity
+        else {}
+    )
     return pipe(
         args.prompt,
-        references=args.references,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance_scale=args.guidance,
-        scale_face=args.scale_face,
-        scale_body=args.scale_body,
         seed=args.seed,
         num_images=args.num_images,
         height=args.height,
         width=args.width,
+        **conditioning,
     )
 
 
