@@ -5,7 +5,10 @@
 2. **crawl**: the real ``theplace`` spider against it (politeness off: it is our own server);
 3. **shards**: the real datapipe with ``configs/shards/tiny.yaml`` (tiny random-init models);
 4. **train**: ``configs/fit/tiny.yaml`` for a few steps (all three losses), checkpoints and TensorBoard logs;
-5. **eval**: ``configs/eval/tiny.yaml``: the results table, ``comparison.png`` and every generated image.
+5. **eval**: ``configs/eval/tiny.yaml``: the results table, ``comparison.png`` and every generated image;
+6. **BoLID-mini gallery**: the tiny kit's random weights draw noise, so the last stage shows what *trained*
+   weights do: held-out BoLID-mini people (:mod:`bolid.mini.world`) drawn by the committed mini kit
+   (``bolid/mini/weights``, trained from scratch on CPU), base model beside BoLID, in ``mini/gallery.png``.
 
 Every stage runs as its own command (``python -m crawler``, ``python -m datapipe``, ``python -m bolid``) in the
 project folder ``--root`` (default: the source checkout holding this package), whose ``configs/`` it uses and
@@ -104,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     photos = 6 if args.quick else args.photos
     t0 = time.monotonic()
 
-    t = _stage(f"1/5 demo site: 5 people x {photos} photos (+ small, truncated and duplicate files)")
+    t = _stage(f"1/6 demo site: 5 people x {photos} photos (+ small, truncated and duplicate files)")
     server = _start_server(_site(photos), args.port)
     log.info("serving %s (%.1f s)", server.base_url, time.monotonic() - t)
     try:
-        t = _stage("2/5 crawl with the real spider")
+        t = _stage("2/6 crawl with the real spider")
         cmd = [sys.executable, "-m", "crawler", "--out", str(crawl), "--base-url", server.base_url, "--no-polite",
                "--min-photos", str(photos), "--log-level", "WARNING"]  # fmt: skip
         code = subprocess.call(cmd, cwd=root)
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.stop()
 
-    t = _stage("3/5 shards with the real datapipe on the tiny kit")
+    t = _stage("3/6 shards with the real datapipe on the tiny kit")
     code = command(
         "datapipe", "build", "--config", "configs/shards/tiny.yaml", "--in", str(crawl), "--out", str(shards)
     )
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     log.info("shards done (%.1f s)", time.monotonic() - t)
 
-    t = _stage("4/5 train configs/fit/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
+    t = _stage("4/6 train configs/fit/tiny.yaml (diffusion + body-ID + EVA-CLIP losses)")
     config = yaml.safe_load((root / "configs" / "fit" / "tiny.yaml").read_text())
     steps = args.train_steps or (6 if args.quick else config["trainer"]["max_steps"])
     ckpt = train / "checkpoints" / "last.ckpt"
@@ -154,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     eval_dir = out / "eval"
     if not args.skip_eval:
-        t = _stage("5/5 eval configs/eval/tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
+        t = _stage("5/6 eval configs/eval/tiny.yaml (Body Sim, CLIP-T, CLIP-I; comparison.png)")
         adapter = train / "adapter" / "adapter.safetensors"
         results = eval_dir / "results.md"
         results, adapter = root / results, root / adapter
@@ -169,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
                 return code
         log.info("eval done (%.1f s)", time.monotonic() - t)
 
+    t = _stage("6/6 BoLID-mini gallery: held-out people drawn by the committed mini weights")
+    code = command("demo.mini", "--gallery-only", "--out", str(out / "mini"))
+    if code != 0:
+        return code
+    log.info("gallery done (%.1f s)", time.monotonic() - t)
+
     rows = [
         ("crawl manifest", crawl / "manifest.jsonl"),
         ("crawl per-person counts", crawl / "persons.jsonl"),
@@ -180,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         ("sample grids", train / "samples"),
         ("results table", eval_dir / "results.md"),
         ("comparison figure", eval_dir / "comparison.png"),
+        ("BoLID-mini gallery", out / "mini" / "gallery.png"),
     ]
     print(f"\nBoLID demo finished in {time.monotonic() - t0:.0f} s. Outputs (in {root}):")
     for label, path in rows:

@@ -222,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="world seed (the components trained on seeds 101, 102)")
     p.add_argument("--quick", action="store_true", help="a few people and steps per stage: checks the wiring")
     p.add_argument("--train-components", action="store_true", help="retrain the mini kit's weights first")
+    p.add_argument(
+        "--gallery-only",
+        action="store_true",
+        help="only draw <out>/gallery.png: held-out people, base model vs the committed BoLID-mini adapter",
+    )
     args = p.parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.gallery_only:
+        print(f"gallery: {gallery(Path(args.out))}")
+        return 0
     return run(args)
 
 

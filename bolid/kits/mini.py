@@ -94,18 +94,18 @@ def build_unet(trained: bool = True):
 
     torch.manual_seed(MINI_SEED)
     model = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 64, 128),
         layers_per_block=1,
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
+        transformer_layers_per_block=(1, 1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32 (pooled text)
         cross_attention_dim=64,
         norm_num_groups=8,
@@ -141,25 +141,31 @@ def person_detector(source: str | None = None):
     return FullFrameDetector(), FullFrameDetectorProcessor()
 
 
+#: the mini keypoint models' input side (the 64 px render, resized).
+INPUT_SIDE = 60
+
+
 def _vitpose_config(kind: str):
     from transformers import VitPoseBackboneConfig, VitPoseConfig
 
+    # 6 px patches on a 60 px input: a 10x10 token grid and 40x40 heatmaps (ViTPose's patch embedding pads by
+    # 2, so only patches >= 5 px give the token grid its position embeddings expect).
     if kind == "train":  # ViTPose-simple: the datapipe, the pipeline and the ID loss
         backbone = VitPoseBackboneConfig(
-            image_size=[64, 64], patch_size=[8, 8], hidden_size=64, num_hidden_layers=3,
-            num_attention_heads=4, intermediate_size=128, out_indices=[3],
+            image_size=[INPUT_SIDE, INPUT_SIDE], patch_size=[6, 6], hidden_size=64, num_hidden_layers=4,
+            num_attention_heads=4, intermediate_size=128, out_indices=[4],
         )  # fmt: skip
         return VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4, num_labels=17)
     # evaluation: another network (other width, depth, feature layer and seed; trained on another world)
     backbone = VitPoseBackboneConfig(
-        image_size=[64, 64], patch_size=[8, 8], hidden_size=48, num_hidden_layers=3,
-        num_attention_heads=3, intermediate_size=144, out_indices=[2],
+        image_size=[INPUT_SIDE, INPUT_SIDE], patch_size=[6, 6], hidden_size=48, num_hidden_layers=4,
+        num_attention_heads=3, intermediate_size=144, out_indices=[3],
     )  # fmt: skip
     return VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4, num_labels=17)
 
 
 def build_vitpose(trained: bool = True, kind: str = "train"):
-    """``VitPoseForPoseEstimation`` + ``VitPoseImageProcessor`` (64x64 full-frame input).
+    """``VitPoseForPoseEstimation`` + ``VitPoseImageProcessor`` (the full frame at ``INPUT_SIDE`` px).
 
     Args:
         kind: ``"train"`` (the datapipe's, the pipeline's and the ID loss's model) or ``"eval"`` (Body Sim's).
@@ -170,8 +176,7 @@ def build_vitpose(trained: bool = True, kind: str = "train"):
         raise ValueError(f"vitpose kind must be 'train' or 'eval', got {kind!r}")
     torch.manual_seed(MINI_SEED + (0 if kind == "train" else 11))
     model = VitPoseForPoseEstimation(_vitpose_config(kind))
-    side = 64
-    processor = VitPoseImageProcessor(size={"height": side, "width": side})
+    processor = VitPoseImageProcessor(size={"height": INPUT_SIDE, "width": INPUT_SIDE})
     return _load(model, f"vitpose_{kind}", trained), processor
 
 

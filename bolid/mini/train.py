@@ -10,8 +10,8 @@ written to ``<out>/<name>.safetensors`` (atomically) and skipped on the next run
 * ``clip`` (transformers) and ``eva_clip`` (open_clip): contrastive loss on render/caption pairs.
 * ``vae``: reconstruction (MSE + L1) plus a small KL term; its ``scaling_factor`` (1 / latent std) is stored
   in the file's metadata.
-* ``unet``: epsilon-prediction diffusion loss on the VAE's latents with the (frozen, random) text encoders'
-  embeddings of the captions, 10% captions dropped for classifier-free guidance.
+* ``unet``: epsilon-prediction diffusion loss (min-SNR-5 weighted) on the VAE's latents with the (frozen,
+  random) text encoders' embeddings of the captions, 10% captions dropped for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ from bolid.mini.world import read_labels, write_world
 
 log = logging.getLogger(__name__)
 
-#: name -> default steps (batch 8 to 64): about 12 CPU-minutes in all.
 #: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
 BODY_MIN_SCORE = 0.05
-STEPS = {"vitpose_train": 800, "vitpose_eval": 800, "clip": 200, "eva_clip": 200, "vae": 800, "unet": 500}
+#: name -> default steps (batch 16 to 64): about 45 minutes on 2 CPU cores in all (see the weights' README).
+STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 200, "vae": 2000, "unet": 5000}
+#: name -> batch size.
+BATCH = {"vitpose_train": 32, "vitpose_eval": 32, "clip": 64, "eva_clip": 64, "vae": 16, "unet": 32}
+#: Min-SNR loss weighting (Hang et al. 2023) for the UNet: gamma.
+MIN_SNR_GAMMA = 5.0
 
 
 class World:
@@ -208,7 +212,7 @@ def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
     return model
 
 
-def train_vae(world: World, steps: int, work: Path, batch: int = 8):
+def train_vae(world: World, steps: int, work: Path, batch: int = 16):
     model = mini.build_vae(trained=False)
 
     def step(gen):
@@ -241,7 +245,7 @@ def _text_embeddings(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(embeds), torch.cat(pooled)
 
 
-def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_text: float = 0.1):
+def train_unet(world: World, vae, steps: int, work: Path, batch: int = 32, drop_text: float = 0.1):
     from diffusers import DDPMScheduler
 
     model = mini.build_unet(trained=False)
@@ -269,7 +273,9 @@ def train_unet(world: World, vae, steps: int, work: Path, batch: int = 16, drop_
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = {"text_embeds": pooled[c], "time_ids": time_ids.expand(batch, -1)}
         pred = model(xt, t, encoder_hidden_states=emb[c], added_cond_kwargs=cond).sample
-        return F.mse_loss(pred, noise)
+        snr = a / (1 - a)
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr  # epsilon-prediction's min-SNR weights
+        return (weight * (pred - noise) ** 2).mean()
 
     _loop("unet", model, model.parameters(), step, steps, work, lr=1e-3)
     return model
@@ -293,23 +299,92 @@ def write_body_stats(world: World, out: Path) -> None:
     print(f"body stats ({d['source']}): mean {d['mean']} std {d['std']}; exact keypoints: std {d['exact_std']}")
 
 
+def measure_keypoints(out: Path, seed: int = 7, people: int = 40, photos: int = 3) -> dict:
+    """How well each trained keypoint model reads a world none of them trained on (``seed``).
+
+    Per model: median and 90th-percentile error of the 12 body keypoints (pixels of the 64 px render), the
+    mean keypoint score, and Body Sim's same-vs-different-person ROC AUC over every pair of photos; the
+    exact keypoints' AUC beside them is the ceiling. Written to ``<out>/keypoint_quality.json``.
+    """
+    from torchmetrics.functional.classification import binary_auroc
+
+    from bolid.metrics import body_similarity, keypoints_of, proportion_stats
+    from bolid.mini.world import iter_world
+
+    world = list(iter_world(seed, people, photos))
+    images = [im for *_, im, _ in world]
+    ident = np.array([i.name for i, *_ in world])
+    exact = torch.tensor(np.stack([kp for *_, kp in world]))
+    i, j = np.triu_indices(len(world), 1)
+    same = ident[i] == ident[j]
+
+    def auc(kp: torch.Tensor) -> float:
+        mean, std = proportion_stats(kp, min_score=BODY_MIN_SCORE)
+        sim, _ = body_similarity(kp[i], kp[j], mean, std, min_score=BODY_MIN_SCORE)
+        sim = torch.nan_to_num(sim, nan=-1.0)  # failures count as the lowest score
+        return float(binary_auroc(sim, torch.from_numpy(same).long()))
+
+    report = {"world": {"seed": seed, "people": people, "photos": photos}, "exact": {"body_sim_auc": auc(exact)}}
+    for kind in ("train", "eval"):
+        kp = keypoints_of(mini.pose_extractor(kind), images)
+        err = (kp[:, 5:, :2] - exact[:, 5:, :2]).norm(dim=-1)
+        report[kind] = {
+            "median_error_px": round(float(err.nanmedian()), 3),
+            "p90_error_px": round(float(np.nanpercentile(err.numpy(), 90)), 3),
+            "mean_score": round(float(kp[:, 5:, 2].nanmean()), 3),
+            "body_sim_auc": round(auc(kp), 3),
+        }
+    report["exact"]["body_sim_auc"] = round(report["exact"]["body_sim_auc"], 3)
+    atomic_write(out / "keypoint_quality.json", json.dumps(report, indent=1))
+    print("keypoint quality:", json.dumps(report))
+    return report
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_manifest(out: Path, command: str) -> None:
-    """``<out>/README.md``: each file's size and sha256, and the command that made them."""
-    rows = [
-        f"| `{p.name}` | {p.stat().st_size / 1e6:.2f} MB | `{sha256(p)}` |" for p in sorted(out.glob("*.safetensors"))
-    ]
-    text = (
-        "# BoLID-mini weights\n\nTrained from scratch on CPU by\n\n```\n"
-        + command
-        + "\n```\n\n| file | size | sha256 |\n| --- | --- | --- |\n"
-        + "\n".join(rows)
-        + "\n"
-    )
-    atomic_write(out / "README.md", text)
+    """``<out>/README.md``: how each component was trained, how well the keypoint models read a new world,
+    and every weight file's size and sha256 (adapters in subfolders included)."""
+    log_file, quality_file = out / "training.json", out / "keypoint_quality.json"
+    trained = json.loads(log_file.read_text()) if log_file.exists() else {}
+    lines = ["# BoLID-mini weights", "", "Trained from scratch on CPU by", "", "```", command, "```", ""]
+    if trained:
+        lines += ["| component | steps x batch | world seed | wall time |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| `{n}` | {r['steps']} x {r['batch']} | {r['world_seed']} | {r['seconds'] / 60:.1f} min |"
+            for n, r in sorted(trained.items())
+        ]
+        lines.append("")
+    if quality_file.exists():
+        q = json.loads(quality_file.read_text())
+        w = q["world"]
+        lines += [
+            f"Keypoint models on a world none of them trained on (seed {w['seed']}, {w['people']} people x "
+            f"{w['photos']} photos; `keypoint_quality.json`); Body Sim AUC = same vs different person over every "
+            f"pair, exact keypoints {q['exact']['body_sim_auc']}:",
+            "",
+            "| model | median error | 90th pct error | mean score | Body Sim AUC |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| `vitpose_{k}` | {q[k]['median_error_px']} px | {q[k]['p90_error_px']} px | {q[k]['mean_score']} "
+            f"| {q[k]['body_sim_auc']} |"
+            for k in ("train", "eval")
+        ]
+        lines.append("")
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+    lines += ["| file | size | sha256 |", "| --- | --- | --- |"]
+    lines += [f"| `{p.relative_to(out)}` | {p.stat().st_size / 1e6:.2f} MB | `{sha256(p)}` |" for p in files]
+    atomic_write(out / "README.md", "\n".join(lines) + "\n")
+
+
+def _record(out: Path, name: str, entry: dict) -> None:
+    path = out / "training.json"
+    log_ = json.loads(path.read_text()) if path.exists() else {}
+    log_[name] = entry
+    atomic_write(path, json.dumps(log_, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,23 +421,27 @@ def main(argv: list[str] | None = None) -> int:
         if (out / f"{name}.safetensors").exists():
             print(f"{name}: done ({out / f'{name}.safetensors'})")
             continue
-        meta = None
+        meta, t0, n, b = None, time.time(), steps[name], BATCH[name]
         if name == "vitpose_train":
-            model = train_vitpose(w, "train", steps[name], work)
+            model = train_vitpose(w, "train", n, work, batch=b)
         elif name == "vitpose_eval":
-            model = train_vitpose(worlds[102], "eval", steps[name], work)
+            model = train_vitpose(worlds[102], "eval", n, work, batch=b)
         elif name == "clip":
-            model = train_clip(w, steps[name], work)
+            model = train_clip(w, n, work, batch=b)
         elif name == "eva_clip":
-            model = train_eva_clip(w, steps[name], work)
+            model = train_eva_clip(w, n, work, batch=b)
         elif name == "vae":
-            model, meta = train_vae(w, steps[name], work)
+            model, meta = train_vae(w, n, work, batch=b)
         else:
-            model = train_unet(w, mini.build_vae(trained=True), steps[name], work)
+            model = train_unet(w, mini.build_vae(trained=True), n, work, batch=b)
         _save(model, out, name, meta)
+        seed = 102 if name == "vitpose_eval" else 101
+        _record(out, name, {"steps": n, "batch": b, "world_seed": seed, "seconds": round(time.time() - t0, 1)})
         print(f"{name}: wrote {out / f'{name}.safetensors'}")
     if (out / "vitpose_eval.safetensors").exists():
         write_body_stats(worlds[101], out)
+        if (out / "vitpose_train.safetensors").exists():
+            measure_keypoints(out)
     write_manifest(out, "python -m bolid.mini.train " + " ".join(sys.argv[1:] if argv is None else argv))
     atomic_write(work / "settings.json", json.dumps({**vars(args), "steps": steps}, indent=1))
     return 0
