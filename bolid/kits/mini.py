@@ -5,7 +5,7 @@ text_time conditioning, transformers ``VitPoseForPoseEstimation`` and ``CLIPMode
 timm's ``Eva``), small configs, weights from ``bolid/mini/weights/*.safetensors`` (trained by
 ``python -m bolid.mini.train``; sizes, sha256 and the command are in ``bolid/mini/weights/README.md``).
 
-* SDXL: a 4x ``AutoencoderKL`` (64 px images <-> 16x16x4 latents) and an SDXL-shaped UNet trained
+* SDXL: a 4x ``AutoencoderKL`` (64 px images <-> 16x16x8 latents) and an SDXL-shaped UNet trained
   text-to-image on the renders; the two text encoders are the tiny kit's frozen random CLIP text models.
 * SDXL-Lightning stand-in: the same UNet sampled with few trailing-Euler steps (no separate distillation).
 * Keypoints: a ViTPose (simple decoder) for the datapipe, the generation pipeline and the ID loss, and a
@@ -62,8 +62,16 @@ def _load(module: torch.nn.Module, name: str, trained: bool) -> torch.nn.Module:
     return module.eval()
 
 
+#: Latent channels of the mini VAE (see :func:`build_vae`).
+LATENT_CHANNELS = 8
+
+
 def build_vae(trained: bool = True):
-    """4x ``AutoencoderKL``: 64x64x3 <-> 16x16x4."""
+    """4x ``AutoencoderKL``: 64x64x3 <-> 16x16x8.
+
+    Eight latent channels, not SDXL's four: at 64 px an arm is 2 px wide, and a 4-channel latent (12x
+    compression) blurs forearms away entirely, so neither the UNet nor a keypoint model could see them.
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(MINI_SEED)
@@ -74,7 +82,7 @@ def build_vae(trained: bool = True):
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 3,
         up_block_types=["UpDecoderBlock2D"] * 3,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=1.0,
@@ -97,8 +105,8 @@ def build_unet(trained: bool = True):
         block_out_channels=(32, 64, 128),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4, 8),

@@ -114,10 +114,18 @@ def _loop(
     model.eval()
 
 
+#: components stored in float16 (loaded back into float32 parameters) to keep the committed weights <= 20 MB.
+HALF = ("unet",)
+
+
 def _save(model: torch.nn.Module, out: Path, name: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    half = name in HALF
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
     tmp = out / f"{name}.safetensors.tmp"
     save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(out / f"{name}.safetensors")
@@ -219,7 +227,7 @@ def train_vae(world: World, steps: int, work: Path, batch: int = 16):
         x = world.pixels[world.batch(gen, batch)]
         dist = model.encode(x).latent_dist
         rec = model.decode(dist.sample(gen)).sample
-        kl = dist.kl().mean() / (16 * 16 * 4)
+        kl = dist.kl().mean() / dist.mean[0].numel()
         return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
 
     _loop("vae", model, model.parameters(), step, steps, work, lr=1e-3)
