@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.mini", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/mini", help="runs folder (resumable)")
     p.add_argument("--docs", default="docs/mini", help="where results.md, comparison.png and settings.json go")
-    p.add_argument("--identities", type=int, default=200, help="people in the world (10%% validation, 10%% test)")
+    p.add_argument("--identities", type=int, default=250, help="people in the world (10%% validation, 10%% test)")
     p.add_argument("--photos", type=int, default=10, help="photos per person")
     p.add_argument("--seed", type=int, default=0, help="world seed (the components trained on seeds 101, 102)")
     p.add_argument("--quick", action="store_true", help="a few people and steps per stage: checks the wiring")

@@ -52,7 +52,8 @@ def test_write_world_writes_identity_folders_labels_and_refuses_other_settings(t
 
 
 def test_mini_keypoint_models_read_the_renders(tmp_path):
-    """Both trained keypoint models find the people of a world none of them trained on, within a few pixels."""
+    """Both trained keypoint models find the people of a world none of them trained on to about a pixel and a
+    half (median over the 12 body keypoints; bolid/mini/weights/README.md: 1.7 and 1.4 px)."""
     from bolid.kits import mini
 
     world = list(iter_world(7, 8, 2))
@@ -63,7 +64,7 @@ def test_mini_keypoint_models_read_the_renders(tmp_path):
         assert all(len(p) == 1 for p in persons), kind
         found = torch.tensor(np.stack([p[0].keypoints for p in persons]))
         err = (found[:, 5:, :2] - exact[:, 5:, :2]).norm(dim=-1).median()
-        assert err < 5.0, (kind, float(err))  # pixels of a 64 px image; random weights: > 15
+        assert err < 2.5, (kind, float(err))  # pixels of a 64 px image; random weights: > 15
 
 
 def test_mini_clip_matches_renders_to_their_captions():

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 #: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
 BODY_MIN_SCORE = 0.05
-#: name -> default steps (batch 16 to 64): about 45 minutes on 2 CPU cores in all (see the weights' README).
-STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 200, "vae": 2000, "unet": 5000}
+#: name -> default steps (batch 16 to 64): about 75 minutes on 2 CPU cores in all (bolid/mini/weights/README.md).
+STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 200, "vae": 2000, "unet": 6000}
 #: name -> batch size.
 BATCH = {"vitpose_train": 32, "vitpose_eval": 32, "clip": 64, "eva_clip": 64, "vae": 16, "unet": 32}
 #: Min-SNR loss weighting (Hang et al. 2023) for the UNet: gamma.
@@ -361,7 +361,8 @@ def write_manifest(out: Path, command: str) -> None:
     if trained:
         lines += ["| component | steps x batch | world seed | wall time |", "| --- | --- | --- | --- |"]
         lines += [
-            f"| `{n}` | {r['steps']} x {r['batch']} | {r['world_seed']} | {r['seconds'] / 60:.1f} min |"
+            f"| `{n}` | {r['steps']} x {r['batch']} | {r['world_seed']} | "
+            + (f"{r['seconds'] / 60:.1f} min |" if r.get("seconds") is not None else "not recorded |")
             for n, r in sorted(trained.items())
         ]
         lines.append("")
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bolid.mini.train", description=__doc__.split("\n")[0])
     p.add_argument("--work", default="runs/mini/components", help="worlds and resumable training states")
     p.add_argument("--out", default=str(mini.weights_dir()), help="where the safetensors go ($BOLID_MINI_WEIGHTS)")
-    p.add_argument("--identities", type=int, default=300)
+    p.add_argument("--identities", type=int, default=500)
     p.add_argument("--photos", type=int, default=8)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every component's steps (quick runs: 0.02)")
     p.add_argument("--only", nargs="*", choices=list(STEPS), help="train only these components")
