@@ -174,12 +174,17 @@ def body_identity_loss(
     independent network from the one Body Sim v2 uses), which gives a pose- and viewpoint-invariant
     Gaussian estimate ``(mean, var)`` of the body's 3D proportions in prior z-units. Per pair,
 
-        L = sum_d w_d (mean_gen,d - mean_ref,d)^2 / sum_d w_d (2 - var_gen,d - var_ref,d)
+        r = sum_d w_d (mean_gen,d - mean_ref,d)^2 / sum_d w_d (2 - var_gen,d - var_ref,d)
         w_d = 1 / (var_gen,d + var_ref,d)
+        L = log(1 + r)
 
-    The denominator is the expected numerator for two unrelated bodies from the population, so ``L`` is 0
-    for the same shape and about 1 for a random other person, whatever the photos' confidence: the same
-    order as ``L_diff`` (an MSE of unit-variance noise). Entries the photos cannot see (a foreshortened
+    The denominator of ``r`` is the expected numerator for two unrelated bodies from the population, so
+    ``r`` is 0 for the same shape and about 1 for a random other person, whatever the photos' confidence.
+    ``log(1 + r)`` keeps that scale near 0 (``L ~ r``; about 0.7 for a random other person) but bounds what
+    one pair can do: on a half-drawn generated body the estimates leave the population (both variances near
+    the prior's, so the denominator nearly vanishes) and ``r`` reached 10-700 in BoLID-mini's stage 2, where
+    such pairs swamped ``L_diff`` and drove the adapter to one degenerate body; their gradient is now
+    ``1 / (1 + r)`` times smaller. Entries the photos cannot see (a foreshortened
     limb) carry little weight. Gradients flow through the generated estimate's mean *and* variance: a
     generated person that cannot be measured has the prior's estimate and costs about 1, like an unrelated
     body, so ambiguity earns nothing. (Detaching the weights instead made the loss climb again under
@@ -214,7 +219,7 @@ def body_identity_loss(
     den = (w * (2 - var_g - var_r)).sum(-1).clamp(min=1e-3)
     valid = (eg.found & er.found).to(num.dtype)
     n = valid.sum()
-    loss = (num / den * valid).sum() / n.clamp(min=1)
+    loss = (torch.log1p(num / den) * valid).sum() / n.clamp(min=1)
     if pose_weight > 0:
         fg = body_features(gen, min_score=gen_min_score)
         fr = body_features(reference.float(), min_score=min_score)
