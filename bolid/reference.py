@@ -33,7 +33,6 @@ from bolid.pose import Person, PoseExtractor
 log = logging.getLogger(__name__)
 
 
-
 class NoPersonError(ValueError):
     """A reference photo in which the pose model finds no person."""
 

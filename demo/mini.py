@@ -185,8 +185,8 @@ GALLERY_PROMPTS = (
 def gallery(out: Path, people: int = 4, seed: int = 9) -> Path:
     """``out/gallery.png``: held-out rendered people, and what the committed mini weights make of them.
 
-    Columns: the base model (no identity) and BoLID (the committed stage-1 adapter,
-    ``bolid/mini/weights/bolid_stage1``), same prompt and seed; the reference photos are also written to
+    Columns: the base model (no identity) and BoLID (the committed stage-2 adapter,
+    ``bolid/mini/weights/bolid_stage2``), same prompt and seed; the reference photos are also written to
     ``out/references/`` so ``bolid generate --components mini`` can be tried on them.
     """
     from bolid.kits import mini
@@ -196,7 +196,7 @@ def gallery(out: Path, people: int = 4, seed: int = 9) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "references").mkdir(exist_ok=True)
-    pipe = BoLIDPipeline.from_components("mini", adapter=mini.weights_dir() / "bolid_stage1", pose_threshold=0.05)
+    pipe = BoLIDPipeline.from_components("mini", adapter=mini.adapter_dir(), pose_threshold=0.05)
     rows = []
     for ident, _, _, ref, _ in iter_world(seed, people, 1):
         ref.save(out / "references" / f"{ident.name}.png")

@@ -86,9 +86,9 @@ def build_pipeline(args: argparse.Namespace, extractor=None):
         extractor = BlazePoseExtractor(min_detection_confidence=args.pose_threshold)
     adapter = args.adapter
     if adapter is None and args.components == "mini":  # the mini kit ships a trained adapter
-        from bolid.kits.mini import weights_dir
+        from bolid.kits.mini import adapter_dir
 
-        adapter = weights_dir() / "bolid_stage1"
+        adapter = adapter_dir()
     pipe = BoLIDPipeline.from_components(
         args.components,
         lightning=args.lightning,

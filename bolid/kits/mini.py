@@ -35,6 +35,13 @@ def weights_dir() -> Path:
     return Path(os.environ.get("BOLID_MINI_WEIGHTS") or WEIGHTS)
 
 
+def adapter_dir() -> Path:
+    """The shipped BoLID-mini adapter (``make mini``'s stage 2, the one whose bodies follow the reference;
+    stage 1's is in ``bolid_stage1`` beside it): what ``bolid generate --components mini``, the demo's gallery
+    and the learning tests use."""
+    return weights_dir() / "bolid_stage2"
+
+
 MINI_SEED = 0
 EVA_CLIP_NAME = "BoLID-mini-EVA02"  # the tiny kit's open_clip architecture with trained weights
 EVA_NAME = EVA_CLIP_NAME
