@@ -94,15 +94,15 @@ def _masked_mean(xy: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
     return (xy * w[..., None]).sum(-2) / n.clamp(min=1), n[..., 0] > 0
 
 
-def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network input ``(..., INPUT_DIM)`` and a found-mask ``(...,)`` from ``(..., 17, 3)`` keypoints.
+def canonical_keypoints(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical coordinates ``(..., 17, 2)``, body visibility ``(..., 17)`` and a found-mask ``(...,)``.
 
     Only the 12 body points count (the face points are treated as missing), so the estimate does not change
     when the face is hidden or turned away.
 
     Centred on the mid-hip (else the visible points' mean), rotated so mid-hip -> mid-shoulder points up
     (image -y), divided by the RMS distance of the visible points from that centre: invariant to image
-    scale, translation and in-plane rotation by construction. Differentiable in x, y.
+    scale, translation and in-plane rotation by construction. Differentiable in x, y. Invisible points are 0.
     """
     xy = torch.nan_to_num(keypoints[..., :2])
     v = (torch.nan_to_num(keypoints[..., 2], nan=0.0) >= min_score).to(xy.dtype)
@@ -128,7 +128,16 @@ def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tenso
     rel = torch.stack([rx, ry], -1) * v[..., None]
     scale = ((rel**2).sum(-1) * v).sum(-1) / v.sum(-1).clamp(min=1)
     scale = scale.clamp(min=1e-8).sqrt()
-    rel = rel / scale[..., None, None]
+    return rel / scale[..., None, None], v, found
+
+
+def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network input ``(..., INPUT_DIM)`` and a found-mask ``(...,)`` from ``(..., 17, 3)`` keypoints.
+
+    The canonical keypoints of :func:`canonical_keypoints`, their visibility and the log 2D lengths of the
+    12 segments of ``_SEGMENTS``. Differentiable in x, y.
+    """
+    rel, v, found = canonical_keypoints(keypoints, min_score)
     a = torch.tensor([s[0] for s in _SEGMENTS])
     b = torch.tensor([s[1] for s in _SEGMENTS])
     seg_mask = v[..., a] * v[..., b]
