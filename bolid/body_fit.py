@@ -3,7 +3,7 @@
 The skeleton is :func:`bolid.synthetic_bodies.pose_joints` (the synthetic bench's own body model): seven 3D
 segment lengths (:data:`bolid.synthetic_bodies.SHAPE_NAMES`, left = right), trunk bend / side lean / twist
 and per-side hip flexion and abduction, knee, shoulder flexion and abduction, elbow and forearm twist. A
-weak-perspective camera (yaw, pitch, roll, scale, 2D shift) per photo projects it. SMPLify-style, on this
+camera (yaw, pitch, roll, scale, 2D shift, perspective) per photo projects it. SMPLify-style, on this
 skeleton: gradient descent (Adam) on
 
     sum_j  score-visible_j * rho(|proj_j - keypoint_j|^2 / sigma^2)  +  |z|^2 / 2  +  pose prior
@@ -12,8 +12,9 @@ where ``z`` is the shape vector in population z-units (:func:`bolid.synthetic_bo
 every photo of the person), ``rho`` is a robust (pseudo-Huber) penalty against detector outliers and
 swaps, joint angles stay inside human limits by construction (a sigmoid between the limits) and have a
 broad Gaussian prior around an upright stance, and the camera's pitch and roll a Gaussian prior. Only the
-12 body keypoints count (the face points are ignored). Several starting yaws (and the mirrored keypoints,
-see below) are fitted in one batch and the lowest objective wins.
+12 body keypoints count (the face points are ignored). Several starting yaws are fitted in one batch and
+the lowest objective wins; several photos of one person are first fitted one by one, then refined together
+with one shared shape.
 
 Confidence: a Laplace approximation. At the fit, the Gauss-Newton Hessian ``J^T J`` of all the residuals
 (data and priors) with respect to every parameter of the person is inverted, and its shape block gives a
@@ -24,9 +25,13 @@ fails the pair with ``ambiguous_view``). The result is a :class:`bolid.body_shap
 fuses and compares like the network's.
 
 Invariances: the keypoints are canonicalised first (:func:`bolid.body_shape.canonical_keypoints`: centred on
-the mid-hip, rotated so the torso points up, scaled by the RMS spread), and the estimate is the average of
-the fits of the keypoints and of their mirror image (:func:`bolid.body_shape.flip_keypoints`), so it is
-invariant to image scale, translation, in-plane rotation and horizontal flips up to float rounding.
+the mid-hip, rotated so the torso points up, scaled by the RMS spread), so the estimate is invariant to image
+scale, translation and in-plane rotation up to float rounding. Horizontal flips: the skeleton, its priors
+and the set of starting yaws are mirror-symmetric, so the fit of mirrored keypoints is the mirror of the fit
+(same lengths) from the mirrored start, and the same start wins.
+
+The camera is weak-perspective plus a fitted perspective term (stature / distance, about the mid-hip's
+depth), since a body a few metres from the lens is noticeably nearer at the shoulders when bending.
 
 The fit is not offered as a training loss: it runs a few hundred optimiser steps and its output is
 piecewise in the keypoints (which start wins). ``L_id`` keeps the network of :mod:`bolid.body_shape`.
