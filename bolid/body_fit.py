@@ -78,6 +78,7 @@ class FitSettings:
         steps: Adam steps of the single-photo fits; the joint refinement of several photos takes half as many.
         lr: Adam learning rate.
         min_visible: fewest visible body keypoints (of 12) for a photo to count.
+        pose_prior_scale: multiplies every joint angle's prior standard deviation (:data:`ANGLES`).
     """
 
     sigma: float = 0.03
@@ -86,10 +87,11 @@ class FitSettings:
     steps: int = 250
     lr: float = 0.05
     min_visible: int = 6
+    pose_prior_scale: float = 1.0
 
     def __post_init__(self):
-        if self.sigma <= 0 or self.pitch_sd <= 0 or self.roll_sd <= 0:
-            raise ValueError("sigma, pitch_sd and roll_sd must be > 0")
+        if self.sigma <= 0 or self.pitch_sd <= 0 or self.roll_sd <= 0 or self.pose_prior_scale <= 0:
+            raise ValueError("sigma, pitch_sd, roll_sd and pose_prior_scale must be > 0")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"steps must be >= 1 and lr > 0, got {self.steps}, {self.lr}")
         if not 1 <= self.min_visible <= 12:
@@ -107,6 +109,7 @@ class _Skeleton:
     def __init__(self, settings: FitSettings):
         self.s = settings
         self.lo, self.hi, self.mu, self.sd = _angle_tables()
+        self.sd = self.sd * settings.pose_prior_scale
         mean, std = prior_stats()
         self.prior_mean, self.prior_std = mean, std
         self.base = torch.log(torch.tensor(BASE_FRACTIONS[:SHAPE_DIM]))
