@@ -113,6 +113,11 @@ class _Skeleton:
         mean, std = prior_stats()
         self.prior_mean, self.prior_std = mean, std
         self.base = torch.log(torch.tensor(BASE_FRACTIONS[:SHAPE_DIM]))
+        # z -> the sum-zero shape vector in z-units is linear (the rescaling direction removed); its prior
+        # variance per entry (below 1) rescales the output so that "the prior only" reads as variance 1.
+        a = torch.eye(SHAPE_DIM) - 1 / SHAPE_DIM
+        self.out_map = a * std[None, :] / std[:, None]
+        self.out_sd = (self.out_map**2).sum(1).sqrt()
 
     def angles(self, u: torch.Tensor) -> torch.Tensor:
         return self.lo + (self.hi - self.lo) * torch.sigmoid(u)
@@ -127,7 +132,7 @@ class _Skeleton:
         return s - s.mean(-1, keepdim=True)
 
     def z_out(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.shape(z) - self.prior_mean) / self.prior_std
+        return (self.shape(z) - self.prior_mean) / self.prior_std / self.out_sd
 
     def project(self, z: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """``z (..., 7)``, ``pose (..., 25)`` -> ``(..., 12, 2)`` canonical coordinates of COCO 5-16."""
@@ -227,8 +232,7 @@ def _laplace_var(sk: _Skeleton, z, pose, target, vis) -> torch.Tensor:
     j = torch.stack(rows, 1).double()  # (P, R, 7 + G * N_POSE)
     h = j.transpose(1, 2) @ j + 1e-6 * torch.eye(j.shape[2], dtype=j.dtype)
     cov = torch.linalg.inv(h)[:, :SHAPE_DIM, :SHAPE_DIM].float()
-    a = torch.eye(SHAPE_DIM) - 1 / SHAPE_DIM  # z -> z_out is linear: the rescaling direction removed
-    a = (a * sk.prior_std[None, :] / sk.prior_std[:, None])[None]
+    a = (sk.out_map / sk.out_sd[:, None])[None]  # the linear map z -> z_out
     return torch.diagonal(a @ cov @ a.transpose(1, 2), dim1=-2, dim2=-1).clamp(1e-4, 1.0)
 
 
