@@ -162,6 +162,6 @@ def test_body_shape_similarity_with_the_fit():
     m.update(gen_kp, refs)
     expected = shape_similarity(fit_shape(gen_kp), fit_shape(refs), max_var=1.0, method="difference")[0]
     assert torch.allclose(m.per_sample(), expected, atol=1e-5)
-    assert float(m.compute()) == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert float(m.compute()["body_sim"]) == pytest.approx(float(expected.mean()), abs=1e-5)
     with pytest.raises(ValueError, match="estimator"):
         BodyShapeSimilarity(estimator="mlp")
