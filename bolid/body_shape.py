@@ -94,15 +94,15 @@ def _masked_mean(xy: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
     return (xy * w[..., None]).sum(-2) / n.clamp(min=1), n[..., 0] > 0
 
 
-def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network input ``(..., INPUT_DIM)`` and a found-mask ``(...,)`` from ``(..., 17, 3)`` keypoints.
+def canonical_keypoints(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical coordinates ``(..., 17, 2)``, body visibility ``(..., 17)`` and a found-mask ``(...,)``.
 
     Only the 12 body points count (the face points are treated as missing), so the estimate does not change
     when the face is hidden or turned away.
 
     Centred on the mid-hip (else the visible points' mean), rotated so mid-hip -> mid-shoulder points up
     (image -y), divided by the RMS distance of the visible points from that centre: invariant to image
-    scale, translation and in-plane rotation by construction. Differentiable in x, y.
+    scale, translation and in-plane rotation by construction. Differentiable in x, y. Invisible points are 0.
     """
     xy = torch.nan_to_num(keypoints[..., :2])
     v = (torch.nan_to_num(keypoints[..., 2], nan=0.0) >= min_score).to(xy.dtype)
@@ -128,7 +128,16 @@ def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tenso
     rel = torch.stack([rx, ry], -1) * v[..., None]
     scale = ((rel**2).sum(-1) * v).sum(-1) / v.sum(-1).clamp(min=1)
     scale = scale.clamp(min=1e-8).sqrt()
-    rel = rel / scale[..., None, None]
+    return rel / scale[..., None, None], v, found
+
+
+def shape_inputs(keypoints: torch.Tensor, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network input ``(..., INPUT_DIM)`` and a found-mask ``(...,)`` from ``(..., 17, 3)`` keypoints.
+
+    The canonical keypoints of :func:`canonical_keypoints`, their visibility and the log 2D lengths of the
+    12 segments of ``_SEGMENTS``. Differentiable in x, y.
+    """
+    rel, v, found = canonical_keypoints(keypoints, min_score)
     a = torch.tensor([s[0] for s in _SEGMENTS])
     b = torch.tensor([s[1] for s in _SEGMENTS])
     seg_mask = v[..., a] * v[..., b]
@@ -232,7 +241,28 @@ def log_likelihood_ratio(a: ShapeEstimate, b: ShapeEstimate) -> torch.Tensor:
     return llr.sum(-1)
 
 
-SIMILARITIES = ("llr", "cosine")
+def difference_log_likelihood_ratio(a: ShapeEstimate, b: ShapeEstimate, max_var: float = 0.999) -> torch.Tensor:
+    """``(...,)`` log-likelihood ratio, same body vs two bodies, of the *difference* of two shape estimates only.
+
+    Each posterior ``N(m, v)`` (prior ``N(0, 1)``) is turned back into the measurement that produced it,
+    ``y = m / (1 - v)`` with noise variance ``s = v / (1 - v)``. Same body: ``y_a - y_b ~ N(0, s_a + s_b)``;
+    two bodies of the population: ``N(0, 2 + s_a + s_b)``. Per entry, with ``s = s_a + s_b``:
+
+        log LR = -1/2 log(s / (2 + s)) - 1/2 (y_a - y_b)^2 (1/s - 1/(2 + s))
+
+    Unlike :func:`log_likelihood_ratio` it ignores where the two estimates sit in the population, only how
+    far apart they are, so a shift shared by every photo (a detector that places joints differently from
+    the synthetic skeleton) cancels. An entry that neither photo constrains (``s`` large) adds ~0. Variances
+    are clamped to ``max_var`` so that ``y`` stays finite.
+    """
+    va, vb = a.var.clamp(1e-6, max_var), b.var.clamp(1e-6, max_var)
+    sa, sb = va / (1 - va), vb / (1 - vb)
+    d2 = (a.mean / (1 - va) - b.mean / (1 - vb)) ** 2
+    s = sa + sb
+    return (-0.5 * torch.log(s / (2 + s)) - 0.5 * d2 * (1 / s - 1 / (2 + s))).sum(-1)
+
+
+SIMILARITIES = ("llr", "difference", "cosine")
 
 
 def shape_similarity(
@@ -242,8 +272,9 @@ def shape_similarity(
 
     ``method="llr"`` (default): ``tanh(LLR / 2)`` with LLR from :func:`log_likelihood_ratio`, i.e.
     ``2 P(same) - 1`` at even prior odds: 1 = surely the same body, -1 = surely different, 0 = the photos
-    cannot tell. ``method="cosine"``: the cosine of the two z-vectors, each entry weighted by
-    ``1 / (var_a + var_b)``.
+    cannot tell. ``method="difference"``: the same mapping of :func:`difference_log_likelihood_ratio`
+    (blind to a shift shared by both estimates). ``method="cosine"``: the cosine of the two z-vectors, each
+    entry weighted by ``1 / (var_a + var_b)``.
 
     Returns:
         ``(similarity, reason)``, each ``(...,)``: NaN similarity where the pair failed, and the reason as
@@ -252,6 +283,8 @@ def shape_similarity(
     """
     if method == "llr":
         sim = torch.tanh(log_likelihood_ratio(a, b) / 2)
+    elif method == "difference":
+        sim = torch.tanh(difference_log_likelihood_ratio(a, b) / 2)
     elif method == "cosine":
         w = 1 / (a.var + b.var).clamp(min=eps)
         num = (w * a.mean * b.mean).sum(-1)

@@ -336,6 +336,11 @@ class BodyShapeSimilarity(Metric):
     precision weighting. The score is :func:`bolid.body_shape.shape_similarity` (default ``tanh(LLR/2)``:
     1 = surely the same body, 0 = cannot tell, -1 = surely different). No statistics of real photos enter.
 
+    ``estimator="fit"`` replaces the network by :func:`bolid.body_fit.fit_shape`, a kinematic skeleton
+    fitted to the keypoints with joint-limit and pose priors and a Laplace confidence; K reference photos are
+    then fitted jointly (one shape, a pose and camera each) instead of fused. It is slower (a few hundred
+    optimiser steps a batch) and not differentiable.
+
     Failures, never silently dropped: ``no_body``, ``no_reference_body``, and ``ambiguous_view`` (the photo
     says almost nothing about the body: mean variance above ``max_var``, e.g. a strongly foreshortened view).
 
@@ -343,9 +348,11 @@ class BodyShapeSimilarity(Metric):
         pose: as in :class:`BodySimilarity`.
         min_score: keypoint visibility threshold.
         max_var: largest mean variance (1 = prior only) a scored image may have.
-        method: ``"llr"`` or ``"cosine"`` (see :func:`bolid.body_shape.shape_similarity`).
+        method: ``"llr"``, ``"difference"`` or ``"cosine"`` (see :func:`bolid.body_shape.shape_similarity`).
         failure_score: as in :class:`BodySimilarity`.
-        weights: a folder with other trained weights than the shipped ones.
+        weights: a folder with other trained weights than the shipped ones (``estimator="network"``).
+        estimator: ``"network"`` (the ``"metric"`` instance of :class:`bolid.body_shape.BodyShapeNet`) or
+            ``"fit"`` (:func:`bolid.body_fit.fit_shape`).
     """
 
     is_differentiable = False
@@ -360,6 +367,7 @@ class BodyShapeSimilarity(Metric):
         method: str = "llr",
         failure_score: float | None = None,
         weights: str | None = None,
+        estimator: str = "network",
         **kwargs,
     ):
         from bolid.body_shape import SIMILARITIES, load
@@ -371,7 +379,10 @@ class BodyShapeSimilarity(Metric):
             raise ValueError(f"max_var must be in (0, 1], got {max_var}")
         if method not in SIMILARITIES:
             raise ValueError(f"method must be one of {SIMILARITIES}, got {method!r}")
-        self.net = load("metric", weights)
+        if estimator not in ("network", "fit"):
+            raise ValueError(f"estimator must be 'network' or 'fit', got {estimator!r}")
+        self.estimator = estimator
+        self.net = load("metric", weights) if estimator == "network" else None
         self.min_score, self.max_var, self.method, self.failure_score = min_score, max_var, method, failure_score
         self._pose = pose if isinstance(pose, PoseExtractor) else None
         self._pose_factory = None if self._pose is not None else (pose or _default_pose)
@@ -407,6 +418,10 @@ class BodyShapeSimilarity(Metric):
         from bolid.body_shape import ShapeEstimate
 
         kp = keypoints.detach().float().cpu()
+        if self.estimator == "fit":
+            from bolid.body_fit import fit_shape
+
+            return fit_shape(kp, self.min_score)  # (N, K, 17, 3): one joint fit per pair's K photos
         found = ~torch.isnan(kp).any(dim=(-2, -1))
         with torch.no_grad():
             est = self.net(torch.nan_to_num(kp), self.min_score)
@@ -424,7 +439,7 @@ class BodyShapeSimilarity(Metric):
             raise ValueError(f"generated and reference batches differ in size: {gen.shape[0]} vs {ref.shape[0]}")
         g = self.estimate(gen)
         r = self.estimate(ref)
-        if ref.ndim == 4:
+        if ref.ndim == 4 and self.estimator == "network":
             r = fuse(r)
         sim, reason = shape_similarity(g, r, max_var=self.max_var, method=self.method)
         ok = reason < 0
