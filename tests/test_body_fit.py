@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from body_helpers import rotate
 
 from bolid.body_fit import FitSettings, fit_shape
 from bolid.body_shape import (
@@ -21,15 +22,6 @@ KINDS = ("standing", "walking")
 FAST = FitSettings(steps=80)
 
 
-def _rotate(kp: torch.Tensor, degrees: float, centre=(300.0, 200.0)) -> torch.Tensor:
-    a = math.radians(degrees)
-    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    c = torch.tensor(centre)
-    out = kp.clone()
-    out[..., :2] = (kp[..., :2] - c) @ rot.T + c
-    return out
-
-
 @pytest.fixture(scope="module")
 def few():
     kp = synthetic_views(6, torch.Generator().manual_seed(3), kinds=KINDS).keypoints
@@ -41,7 +33,7 @@ def few():
     [
         pytest.param(lambda kp: torch.cat([kp[..., :2] * 3.7, kp[..., 2:]], -1), id="scale"),
         pytest.param(lambda kp: torch.cat([kp[..., :2] + torch.tensor([-250.0, 90.0]), kp[..., 2:]], -1), id="shift"),
-        pytest.param(lambda kp: _rotate(kp, 37.0), id="in-plane-rotation"),
+        pytest.param(lambda kp: rotate(kp, 37.0), id="in-plane-rotation"),
         pytest.param(flip_keypoints, id="left-right-flip"),
     ],
 )

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from body_helpers import rotate
 
 from bolid.body_shape import (
     INSTANCES,
@@ -37,22 +38,13 @@ def views():
     return synthetic_views(512, torch.Generator().manual_seed(3)).keypoints
 
 
-def _rotate(kp: torch.Tensor, degrees: float, centre=(300.0, 200.0)) -> torch.Tensor:
-    a = math.radians(degrees)
-    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    c = torch.tensor(centre)
-    out = kp.clone()
-    out[..., :2] = (kp[..., :2] - c) @ rot.T + c
-    return out
-
-
 @pytest.mark.parametrize(
     "transform",
     [
         pytest.param(lambda kp: torch.cat([kp[..., :2] * 3.7, kp[..., 2:]], -1), id="scale"),
         pytest.param(lambda kp: torch.cat([kp[..., :2] + torch.tensor([-250.0, 90.0]), kp[..., 2:]], -1), id="shift"),
-        pytest.param(lambda kp: _rotate(kp, 37.0), id="in-plane-rotation"),
-        pytest.param(lambda kp: _rotate(kp, -150.0), id="upside-down"),
+        pytest.param(lambda kp: rotate(kp, 37.0), id="in-plane-rotation"),
+        pytest.param(lambda kp: rotate(kp, -150.0), id="upside-down"),
         pytest.param(flip_keypoints, id="left-right-flip"),
     ],
 )
