@@ -205,7 +205,85 @@ def body_similarity(
 # ----------------------------------------------------------------------------------------------- Body Sim
 
 
-class BodySimilarity(Metric):
+class _PairSimilarity(Metric):
+    """What Body Sim v1 and v2 share: a pose model built on first use, pairwise scores with failure reasons,
+    their mean (failures counted at ``failure_score`` or left out) and every pair's value."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def _init_pairs(
+        self, pose: PoseExtractor | Callable[[], PoseExtractor] | None, failure_score: float | None, reasons
+    ) -> None:
+        self.failure_score = failure_score
+        self._reasons = tuple(reasons)
+        # An extractor given ready-made is used as is; otherwise this factory builds one on first use.
+        self._pose = pose if isinstance(pose, PoseExtractor) else None
+        self._pose_factory = None if self._pose is not None else (pose or _default_pose)
+        self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_scored", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("num_pairs", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("num_failed", torch.zeros(len(self._reasons), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("values", [], dist_reduce_fx="cat")
+
+    @property
+    def pose(self) -> PoseExtractor:
+        """The pose extractor, built on first use."""
+        if self._pose is None:
+            self._pose = self._pose_factory()
+        return self._pose
+
+    def __getstate__(self) -> dict:
+        # An extractor this metric built (MediaPipe's graph cannot be pickled or deep-copied) is rebuilt on demand.
+        state = super().__getstate__()
+        if state.get("_pose_factory") is not None:
+            state["_pose"] = None
+        return state
+
+    def keypoints(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+        """``(N, 17, 3)`` keypoints of the largest person per image with this metric's pose model."""
+        return keypoints_of(self.pose, images)
+
+    def _accumulate(self, sim: torch.Tensor, reason: torch.Tensor) -> None:
+        """Add a batch of scores ``sim`` (NaN for failures) and reasons (index into the reasons, -1 = scored)."""
+        ok = reason < 0
+        dev = self.similarity_sum.device
+        self.similarity_sum += sim[ok].double().sum().to(dev)
+        self.num_scored += int(ok.sum())
+        self.num_pairs += len(sim)
+        self.num_failed += torch.bincount(reason[~ok], minlength=len(self._reasons)).to(dev)
+        self.values.append(sim.float().to(dev))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        failed = self.num_failed.sum()
+        total = self.similarity_sum
+        count = self.num_scored
+        if self.failure_score is not None:
+            total = total + failed * self.failure_score
+            count = count + failed
+        nan = torch.tensor(float("nan"), device=total.device)
+        return {
+            "body_sim": (total / count).float() if count > 0 else nan,
+            "failure_rate": (failed / self.num_pairs).float() if self.num_pairs > 0 else nan,
+        }
+
+    def failures(self) -> dict[str, int]:
+        """Failure counts by reason."""
+        return {name: int(n) for name, n in zip(self._reasons, self.num_failed, strict=True)}
+
+    def per_sample(self) -> torch.Tensor:
+        """Similarity of every pair in update order, ``(N,)``; NaN for failures (or ``failure_score``).
+
+        Under DDP this is the local rank's; inside ``with metric.sync_context():`` it is every rank's.
+        """
+        values = dim_zero_cat(self.values) if len(self.values) else torch.zeros(0)
+        if self.failure_score is not None:
+            values = torch.nan_to_num(values, nan=self.failure_score)
+        return values
+
+
+class BodySimilarity(_PairSimilarity):
     """Body Sim: cosine similarity of standardised pose-invariant body proportions, generated vs reference.
 
     ``update(generated, reference)`` takes two equally long batches, each either images (PIL images,
@@ -225,10 +303,6 @@ class BodySimilarity(Metric):
         failure_score: ``None`` leaves failures out of the mean (they are counted in ``failure_rate``);
             a number counts each failure at that value (e.g. ``0.0``).
     """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
 
     def __init__(
         self,
@@ -254,33 +328,7 @@ class BodySimilarity(Metric):
         self.register_buffer("stats_std", std_t, persistent=False)
         self.min_score = min_score
         self.min_features = min_features
-        self.failure_score = failure_score
-        # An extractor given ready-made is used as is; otherwise this factory builds one on first use.
-        self._pose = pose if isinstance(pose, PoseExtractor) else None
-        self._pose_factory = None if self._pose is not None else (pose or _default_pose)
-        self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_scored", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("num_pairs", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("num_failed", torch.zeros(len(FAILURE_REASONS), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("values", [], dist_reduce_fx="cat")
-
-    @property
-    def pose(self) -> PoseExtractor:
-        """The pose extractor, built on first use."""
-        if self._pose is None:
-            self._pose = self._pose_factory()
-        return self._pose
-
-    def __getstate__(self) -> dict:
-        # An extractor this metric built (MediaPipe's graph cannot be pickled or deep-copied) is rebuilt on demand.
-        state = super().__getstate__()
-        if state.get("_pose_factory") is not None:
-            state["_pose"] = None
-        return state
-
-    def keypoints(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
-        """``(N, 17, 3)`` keypoints of the largest person per image with this metric's pose model."""
-        return keypoints_of(self.pose, images)
+        self._init_pairs(pose, failure_score, FAILURE_REASONS)
 
     def update(self, generated, reference) -> None:
         gen = generated if _is_keypoints(generated) else self.keypoints(generated)
@@ -290,43 +338,10 @@ class BodySimilarity(Metric):
         sim, reason = body_similarity(
             gen.cpu(), ref.cpu(), self.stats_mean.cpu(), self.stats_std.cpu(), self.min_score, self.min_features
         )
-        ok = reason < 0
-        dev = self.similarity_sum.device
-        self.similarity_sum += sim[ok].double().sum().to(dev)
-        self.num_scored += int(ok.sum())
-        self.num_pairs += len(sim)
-        self.num_failed += torch.bincount(reason[~ok], minlength=len(FAILURE_REASONS)).to(dev)
-        self.values.append(sim.to(dev))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        failed = self.num_failed.sum()
-        total = self.similarity_sum
-        count = self.num_scored
-        if self.failure_score is not None:
-            total = total + failed * self.failure_score
-            count = count + failed
-        nan = torch.tensor(float("nan"), device=total.device)
-        return {
-            "body_sim": (total / count).float() if count > 0 else nan,
-            "failure_rate": (failed / self.num_pairs).float() if self.num_pairs > 0 else nan,
-        }
-
-    def failures(self) -> dict[str, int]:
-        """Failure counts by reason (see :data:`FAILURE_REASONS`)."""
-        return {name: int(n) for name, n in zip(FAILURE_REASONS, self.num_failed, strict=True)}
-
-    def per_sample(self) -> torch.Tensor:
-        """Similarity of every pair in update order, ``(N,)``; NaN for failures (or ``failure_score``).
-
-        Under DDP this is the local rank's; inside ``with metric.sync_context():`` it is every rank's.
-        """
-        values = dim_zero_cat(self.values) if len(self.values) else torch.zeros(0)
-        if self.failure_score is not None:
-            values = torch.nan_to_num(values, nan=self.failure_score)
-        return values
+        self._accumulate(sim, reason)
 
 
-class BodyShapeSimilarity(Metric):
+class BodyShapeSimilarity(_PairSimilarity):
     """Body Sim v2: agreement of pose- and viewpoint-invariant body-shape estimates, generated vs reference.
 
     Each image's keypoints (BlazePose by default, as for :class:`BodySimilarity`) go through the ``"metric"``
@@ -355,10 +370,6 @@ class BodyShapeSimilarity(Metric):
             ``"fit"`` (:func:`bolid.body_fit.fit_shape`).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
     def __init__(
         self,
         pose: PoseExtractor | Callable[[], PoseExtractor] | None = None,
@@ -383,24 +394,8 @@ class BodyShapeSimilarity(Metric):
             raise ValueError(f"estimator must be 'network' or 'fit', got {estimator!r}")
         self.estimator = estimator
         self.net = load("metric", weights) if estimator == "network" else None
-        self.min_score, self.max_var, self.method, self.failure_score = min_score, max_var, method, failure_score
-        self._pose = pose if isinstance(pose, PoseExtractor) else None
-        self._pose_factory = None if self._pose is not None else (pose or _default_pose)
-        self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_scored", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("num_pairs", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("num_failed", torch.zeros(len(SHAPE_FAILURE_REASONS), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("values", [], dist_reduce_fx="cat")
-
-    pose = BodySimilarity.pose
-    keypoints = BodySimilarity.keypoints
-
-    def __getstate__(self) -> dict:
-        # As BodySimilarity: an extractor this metric built is rebuilt on demand after unpickling.
-        state = super().__getstate__()
-        if state.get("_pose_factory") is not None:
-            state["_pose"] = None
-        return state
+        self.min_score, self.max_var, self.method = min_score, max_var, method
+        self._init_pairs(pose, failure_score, SHAPE_FAILURE_REASONS)
 
     def _kps(self, x) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and tuple(x.shape[-2:]) == (17, 3):
@@ -442,20 +437,7 @@ class BodyShapeSimilarity(Metric):
         if ref.ndim == 4 and self.estimator == "network":
             r = fuse(r)
         sim, reason = shape_similarity(g, r, max_var=self.max_var, method=self.method)
-        ok = reason < 0
-        dev = self.similarity_sum.device
-        self.similarity_sum += sim[ok].double().sum().to(dev)
-        self.num_scored += int(ok.sum())
-        self.num_pairs += len(sim)
-        self.num_failed += torch.bincount(reason[~ok], minlength=len(SHAPE_FAILURE_REASONS)).to(dev)
-        self.values.append(sim.float().to(dev))
-
-    compute = BodySimilarity.compute
-    per_sample = BodySimilarity.per_sample
-
-    def failures(self) -> dict[str, int]:
-        """Failure counts by reason (see :data:`SHAPE_FAILURE_REASONS`)."""
-        return {name: int(n) for name, n in zip(SHAPE_FAILURE_REASONS, self.num_failed, strict=True)}
+        self._accumulate(sim, reason)
 
 
 #: Today's metric under a name that says what it compares (Body Sim v1: standardised 2D proportions).
