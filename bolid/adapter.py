@@ -50,6 +50,7 @@ import math
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
@@ -102,6 +103,14 @@ class AdapterConfig:
         body_dim: width of the body vector.
         body_hidden_dim: hidden width of the body encoder.
         include_pose: feed the raw reference keypoint coordinates to the body encoder (off: pose-free identity).
+        body_shape: the body encoder's shape input. ``"net"``: the frozen 3D body-shape network
+            (:mod:`bolid.body_shape`, pose- and viewpoint-invariant; for real photos). ``"proportions"``: the six
+            2D proportions of Body Sim v1, z-scored with ``proportion_mean`` / ``proportion_std``; for worlds
+            without foreshortening, such as BoLID-mini, where they carry more identity than the network.
+            ``L_id`` in stage 2 uses the same representation.
+        proportion_mean: population mean of the six proportions (``None``: the real-photo statistics
+            :data:`bolid.metrics.BODY_STATS_MEAN`); used with ``body_shape: proportions``.
+        proportion_std: their population standard deviation (``None``: :data:`bolid.metrics.BODY_STATS_STD`).
         appearance: feed the Gaussian-weighted person crop's CLIP embedding to the body encoder.
         sigma: Gaussian keypoint weighting sigma, as a fraction of the person crop's side.
         alpha: weight of pixels far from keypoints, ``I_w = I * (alpha + (1 - alpha) * W)``.
@@ -116,6 +125,9 @@ class AdapterConfig:
     body_dim: PositiveInt | None = None
     body_hidden_dim: PositiveInt | None = None
     include_pose: bool = False
+    body_shape: Literal["net", "proportions"] = "net"
+    proportion_mean: list[float] | None = None
+    proportion_std: list[float] | None = None
     appearance: bool = True
     sigma: number(float, (">", 0), ("<=", 1)) = 0.1
     alpha: ClosedUnitInterval = 0.3
@@ -127,6 +139,12 @@ class AdapterConfig:
         """Types and ranges are checked by :meth:`from_dict` (:mod:`configkit`); the scales must also be finite."""
         _check_scale("scale_face", self.scale_face)
         _check_scale("scale_body", self.scale_body)
+        for name in ("proportion_mean", "proportion_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 6 or not all(math.isfinite(v) for v in value)):
+                raise ValueError(f"adapter.{name} must be 6 finite numbers, got {value!r}")
+        if self.proportion_std is not None and min(self.proportion_std) <= 0:
+            raise ValueError(f"adapter.proportion_std must be > 0, got {self.proportion_std!r}")
 
     def resolved(self, embed_dim: int) -> AdapterConfig:
         """A copy with every width filled in for an image encoder of width ``embed_dim``."""
@@ -134,6 +152,11 @@ class AdapterConfig:
         d["face_hidden_dim"] = self.face_hidden_dim or embed_dim
         d["body_dim"] = self.body_dim or embed_dim
         d["body_hidden_dim"] = self.body_hidden_dim or embed_dim
+        if self.body_shape == "proportions":
+            from bolid.metrics import BODY_STATS_MEAN, BODY_STATS_STD
+
+            d["proportion_mean"] = list(self.proportion_mean or BODY_STATS_MEAN)
+            d["proportion_std"] = list(self.proportion_std or BODY_STATS_STD)
         return AdapterConfig(**d)
 
     @classmethod
@@ -217,7 +240,13 @@ class BodyConditionModule(nn.Module):
         cross = self.signature["cross_attention_dim"]
         self.face_encoder = FaceEncoder(embed, cfg.face_hidden_dim)
         self.body_encoder = BodyIDEncoder(
-            cfg.body_dim, cfg.body_hidden_dim, embed if cfg.appearance else 0, cfg.include_pose, cfg.min_score
+            cfg.body_dim,
+            cfg.body_hidden_dim,
+            embed if cfg.appearance else 0,
+            cfg.include_pose,
+            cfg.min_score,
+            body_shape=cfg.body_shape,
+            proportion_stats=(cfg.proportion_mean, cfg.proportion_std) if cfg.body_shape == "proportions" else None,
         )
         self.image_proj = MultiIPAdapterImageProjection(
             [ImageProjection(embed, cross, cfg.num_tokens), ImageProjection(cfg.body_dim, cross, cfg.num_tokens)]

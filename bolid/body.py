@@ -100,6 +100,11 @@ class BodyFeatures:
         coords = self.coords if include_pose else torch.zeros_like(self.coords)
         return torch.cat([coords.flatten(-2), self.visibility, self.proportions, self.proportions_mask], dim=-1)
 
+    def z_scores(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``(..., 6)``: the proportions z-scored with a population's ``mean`` and ``std``; 0 where not visible."""
+        mean, std = mean.to(self.proportions), std.to(self.proportions)
+        return (self.proportions - mean) / std * self.proportions_mask
+
 
 def _dist(p: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return torch.linalg.vector_norm(p[..., a, :] - p[..., b, :], dim=-1)

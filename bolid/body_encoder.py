@@ -10,9 +10,16 @@ so that the appearance features look at the person and not at the background.
 
 :class:`BodyIDEncoder` is a plain ``nn.Module`` (no Lightning). Its inputs are
 
-* the body-shape estimate of :mod:`bolid.body_shape` (the frozen ``"loss"`` instance, the one ``L_id``
-  uses): the mean and variance of the body's pose- and viewpoint-invariant 3D proportions, so the
-  encoder knows both the shape and how sure the photo is of it; plus keypoint visibility from
+* the body's shape, in one of two representations (``body_shape``), the same one ``L_id`` uses:
+
+  * ``"net"`` (default): the body-shape estimate of :mod:`bolid.body_shape` (the frozen ``"loss"``
+    instance): the mean and variance of the body's pose- and viewpoint-invariant 3D proportions, so the
+    encoder knows both the shape and how sure the photo is of it;
+  * ``"proportions"``: the six 2D proportions of Body Sim v1 (:mod:`bolid.body`), z-scored with a
+    population's statistics, and their visibility mask. In a world without foreshortening (BoLID-mini)
+    they carry far more identity than the 3D network, which must allow for limbs pointing at the camera;
+
+  plus keypoint visibility from
   :func:`bolid.body.body_features`, and the normalised keypoint coordinates (the reference *pose*) only
   when ``include_pose=True``, which is off by default so that a prompt can put the person in a new pose;
 * optionally the frozen CLIP embedding of the Gaussian-weighted person crop (``appearance_dim > 0``).
@@ -28,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bolid.body import BODY_INDICES, NUM_BODY, body_features
+from bolid.body import BODY_INDICES, FEATURE_DIM, NUM_BODY, NUM_PROPORTIONS, body_features
 from bolid.body_shape import SHAPE_DIM
 from bolid.body_shape import load as load_shape_model
 
@@ -128,7 +135,7 @@ class BodyIDEncoder(nn.Module):
     """Body features (+ appearance embedding) -> body vector ``(B, out_dim)``.
 
     ``out = MLP(GELU(Linear(keypoint features) + Linear(LayerNorm(appearance))))``; the keypoint features
-    are :meth:`features` (shape estimate, visibility, optionally the pose).
+    are :meth:`features` (shape, visibility, optionally the pose).
 
     Args:
         out_dim: width of the body vector (the body ``ImageProjection``'s input).
@@ -138,6 +145,9 @@ class BodyIDEncoder(nn.Module):
         include_pose: also feed the raw normalised reference keypoint coordinates (the reference pose).
             Off by default: identity comes from the pose-invariant shape estimate plus appearance.
         min_score: keypoints scoring below this are treated as missing.
+        body_shape: ``"net"`` (the frozen 3D body-shape network) or ``"proportions"`` (z-scored 2D
+            proportions); see the module docstring.
+        proportion_stats: ``(mean, std)`` of the six proportions, required with ``body_shape="proportions"``.
     """
 
     def __init__(
@@ -147,6 +157,8 @@ class BodyIDEncoder(nn.Module):
         appearance_dim: int = 0,
         include_pose: bool = False,
         min_score: float = 0.3,
+        body_shape: str = "net",
+        proportion_stats: tuple | None = None,
     ):
         super().__init__()
         if out_dim < 1 or hidden_dim < 1 or appearance_dim < 0:
@@ -154,10 +166,21 @@ class BodyIDEncoder(nn.Module):
                 f"need out_dim, hidden_dim >= 1 and appearance_dim >= 0, got {out_dim}, {hidden_dim}, {appearance_dim}"
             )
         self.out_dim, self.appearance_dim = out_dim, appearance_dim
-        self.include_pose, self.min_score = include_pose, min_score
-        self.body_in = nn.Linear(ENCODER_INPUT_DIM, hidden_dim)
-        # Frozen and shared with L_id; kept out of the module tree so adapter files hold the encoder only.
-        object.__setattr__(self, "_shape_net", load_shape_model("loss"))
+        self.include_pose, self.min_score, self.body_shape = include_pose, min_score, body_shape
+        if body_shape == "net":
+            self.body_in = nn.Linear(ENCODER_INPUT_DIM, hidden_dim)
+            # Frozen and shared with L_id; kept out of the module tree so adapter files hold the encoder only.
+            object.__setattr__(self, "_shape_net", load_shape_model("loss"))
+        elif body_shape == "proportions":
+            if proportion_stats is None or any(s is None or len(s) != NUM_PROPORTIONS for s in proportion_stats):
+                raise ValueError(f"body_shape='proportions' needs proportion_stats (mean, std) of {NUM_PROPORTIONS}")
+            self.body_in = nn.Linear(FEATURE_DIM, hidden_dim)
+            # The statistics are settings (adapter.json), not weights.
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in proportion_stats)
+            self.register_buffer("proportion_mean", mean, persistent=False)
+            self.register_buffer("proportion_std", std, persistent=False)
+        else:
+            raise ValueError(f"body_shape must be 'net' or 'proportions', got {body_shape!r}")
         self.appearance_in = (
             nn.Sequential(nn.LayerNorm(appearance_dim), nn.Linear(appearance_dim, hidden_dim))
             if appearance_dim
@@ -168,12 +191,16 @@ class BodyIDEncoder(nn.Module):
         )
 
     def features(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """``(B, ENCODER_INPUT_DIM)``: coords (zeroed unless ``include_pose``), visibility, shape mean and var."""
+        """Coords (zeroed unless ``include_pose``), visibility, then the shape: ``(B, ENCODER_INPUT_DIM)`` with
+        the network's mean and variance, ``(B, FEATURE_DIM)`` with z-scored proportions and mask."""
         kp = keypoints.float()
         if kp.shape[-2] == NUM_BODY:  # the 12 body points alone: the shape model wants COCO-17 (face missing)
             kp = torch.cat([torch.zeros_like(kp[..., :5, :]), kp], -2)
         f = body_features(kp, min_score=self.min_score)
         coords = f.coords if self.include_pose else torch.zeros_like(f.coords)
+        if self.body_shape == "proportions":
+            z = f.z_scores(self.proportion_mean.float(), self.proportion_std.float())
+            return torch.cat([coords.flatten(-2), f.visibility, z, f.proportions_mask], -1)
         net = self._shape_net.to(kp.device)
         with torch.no_grad():
             shape = net(kp, self.min_score)

@@ -9,8 +9,9 @@ The objective follows the paper draft (``L = L_diff + α_id·L_id + β_clip·L_c
   heatmaps with a soft-argmax, so gradients flow from keypoint positions back into the image and the
   adapter. :func:`body_identity_loss` compares the pose- and viewpoint-invariant body-shape
   estimates (:mod:`bolid.body_shape`) of the generated and reference persons, weighted by confidence;
-  an optional keypoint-position term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves
-  same-pose training.
+  :func:`proportion_identity_loss` compares z-scored 2D proportions instead, for worlds without
+  foreshortening (BoLID-mini; the adapter's ``body_shape`` picks one). An optional keypoint-position
+  term ``Σ‖p_gen − p_ref‖²`` on the normalised coordinates serves same-pose training.
 * ``L_clip``: ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(text))`` (:class:`ClipTextLoss`), and optionally its image
   half ``1 − cos(EVA-CLIP(x_gen), EVA-CLIP(reference))`` (:meth:`ClipTextLoss.image_loss`, weighted apart).
 
@@ -227,6 +228,50 @@ def body_identity_loss(
         pos = ((fg.coords - fr.coords.to(fg.coords)) ** 2).sum(-1)
         loss = loss + pose_weight * (pos * vis).sum() / vis.sum().clamp(min=1)
     return loss, n / valid.numel()
+
+
+def proportion_identity_loss(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    min_score: float = 0.3,
+    gen_min_score: float | None = None,
+    min_features: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 − cos`` of the z-scored 2D proportions of the generated and reference persons: ``1 − Body Sim v1``.
+
+    The six proportions (:mod:`bolid.body`) are z-scored with the population's ``mean`` and ``std``, and the
+    cosine runs over the proportions visible in both persons. The loss lies in ``[0, 2]``: 0 for the same
+    proportions, about 1 for an unrelated body, so no pair can swamp ``L_diff``. For photos without
+    foreshortening (BoLID-mini's world: limbs move in the image plane, turns only narrow the widths) this
+    separates people far better than the 3D body-shape network, which must allow for limbs pointing at the
+    camera; for real photos :func:`body_identity_loss` is the one to use.
+
+    Args:
+        generated: ``(B, 17, 3)`` keypoints of the generated images (differentiable in x, y; scores detached).
+        reference: ``(B, 17, 3)`` keypoints of the references.
+        mean, std: ``(6,)`` population statistics of the proportions.
+        min_score: reference keypoints below this are missing.
+        gen_min_score: generated keypoints below this are missing; defaults to ``min_score``.
+        min_features: fewest proportions visible in both for a pair to count.
+
+    Returns:
+        ``(loss, valid_fraction)``: the mean over the pairs that count (0, still differentiable, when none
+        does), and the fraction of such pairs.
+    """
+    gen_min_score = min_score if gen_min_score is None else gen_min_score
+    gen = generated.float().clone()
+    gen[..., 2] = gen[..., 2].detach()
+    g = body_features(gen, min_score=gen_min_score)
+    r = body_features(reference.float().to(gen.device), min_score=min_score)
+    mean, std = mean.to(gen.device, torch.float32), std.to(gen.device, torch.float32)
+    zg = g.z_scores(mean, std) * r.proportions_mask
+    zr = r.z_scores(mean, std) * g.proportions_mask
+    cos = (zg * zr).sum(-1) / (zg.norm(dim=-1) * zr.norm(dim=-1)).clamp(min=1e-6)
+    valid = ((g.proportions_mask * r.proportions_mask).sum(-1) >= min_features).to(cos.dtype)
+    n = valid.sum()
+    return ((1 - cos) * valid).sum() / n.clamp(min=1), n / valid.numel()
 
 
 class ClipTextLoss(nn.Module):

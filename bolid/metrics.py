@@ -192,8 +192,8 @@ def body_similarity(
     r = body_features(torch.nan_to_num(reference.double()), min_score=min_score)
     both = g.proportions_mask * r.proportions_mask  # (N, 6)
     mean, std = mean.to(both), std.to(both)
-    zg = (g.proportions - mean) / std * both
-    zr = (r.proportions - mean) / std * both
+    zg = g.z_scores(mean, std) * r.proportions_mask
+    zr = r.z_scores(mean, std) * g.proportions_mask
     cos = (zg * zr).sum(-1) / (zg.norm(dim=-1) * zr.norm(dim=-1)).clamp(min=eps)  # (N,)
     reason = torch.full_like(cos, -1, dtype=torch.long)
     reason[both.sum(-1) < min_features] = 2

@@ -209,11 +209,14 @@ def pose_extractor(kind: str = "train", **kwargs):
     return VitPoseExtractor(*person_detector(), *build_vitpose(True, kind), **kwargs)
 
 
-def body_stats() -> tuple[list[float], list[float]]:
+def body_stats(exact: bool = False) -> tuple[list[float], list[float]]:
     """Population mean and std of the 6 body proportions as the *evaluation* keypoint model reads the world.
 
     Body Sim z-scores with these (the real-photo constants of :mod:`bolid.metrics` describe BlazePose on
-    real people, not this world); written by ``python -m bolid.mini.train`` to ``body_stats.json``.
+    real people, not this world); written by ``python -m bolid.mini.train`` to ``body_stats.json``. With
+    ``exact=True``: the world's own statistics, from its exact keypoints; training uses these (the body
+    encoder and ``L_id`` with ``adapter.body_shape: proportions``), so nothing in training comes from the
+    evaluation model.
     """
     import json
 
@@ -221,7 +224,7 @@ def body_stats() -> tuple[list[float], list[float]]:
     if not path.exists():
         raise FileNotFoundError(f"mini kit: missing {path}; run `python -m bolid.mini.train`")
     d = json.loads(path.read_text())
-    return d["mean"], d["std"]
+    return (d["exact_mean"], d["exact_std"]) if exact else (d["mean"], d["std"])
 
 
 def build_eva_clip(trained: bool = True):

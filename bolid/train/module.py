@@ -51,7 +51,13 @@ from bolid.config import ComponentsConfig
 from bolid.data import batch_crops
 from bolid.image_encoder import ClipImageEncoder
 from bolid.lightning_lora import set_lora_enabled
-from bolid.losses import ClipTextLoss, DifferentiablePose, body_identity_loss, diffusion_target
+from bolid.losses import (
+    ClipTextLoss,
+    DifferentiablePose,
+    body_identity_loss,
+    diffusion_target,
+    proportion_identity_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +223,16 @@ class BoLIDTrainingModule(L.LightningModule):
             if adapter_settings:
                 log.warning("model.adapter settings are ignored: the adapter comes from %s", init_adapter)
         else:
-            self.adapter = BodyConditionModule(
-                self.unet, image_encoder, AdapterConfig.from_dict(adapter_settings or {})
+            settings = dict(adapter_settings or {})
+            if settings.get("body_shape") == "proportions" and self.cfg.mini and "proportion_mean" not in settings:
+                # The mini world's own population (its exact keypoints), not the real-photo statistics.
+                from bolid.kits import mini
+
+                settings["proportion_mean"], settings["proportion_std"] = mini.body_stats(exact=True)
+            self.adapter = BodyConditionModule(self.unet, image_encoder, AdapterConfig.from_dict(settings))
+        if self.adapter.config.body_shape == "proportions" and hp.id_pose_weight > 0:
+            raise ValueError(
+                "model.id_pose_weight needs adapter.body_shape: net (the proportions L_id has no pose term)"
             )
         if wants_lightning and hp.lightning_weights == "lora":
             # After the adapter is built: its low-rank K/V stay relative to the base to_k / to_v, as with the UNet.
@@ -494,7 +508,12 @@ class BoLIDTrainingModule(L.LightningModule):
             embeds, batch["caption"], generator, hp.branch_resolution, hp.lightning_steps, hp.grad_steps, text=text
         )
         kp = self.pose(images)
-        l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
+        cfg = self.adapter.config
+        if cfg.body_shape == "proportions":  # the representation the body encoder reads
+            stats = torch.tensor(cfg.proportion_mean), torch.tensor(cfg.proportion_std)
+            l_id, valid = proportion_identity_loss(kp, batch["ref_keypoints"], *stats, hp.min_score)
+        else:
+            l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
         body = kp[:, list(BODY_INDICES), 2].detach()
         out = {"loss_id": l_id, "id_valid": valid.detach(), "kp_valid": (body >= hp.min_score).float().mean()}
         if hp.w_clip > 0:
