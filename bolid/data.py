@@ -16,8 +16,10 @@ The target is resized (short side to ``resolution``) and cropped (random or cent
 SDXL's size/crop conditioning is computed for it as SDXL was trained: ``time_ids = (orig_h, orig_w,
 crop_top, crop_left, target_h, target_w)``, with the *original* size of the photo before any resizing,
 and the crop's top-left corner in the resized image (mirrored for a horizontal flip, as the diffusers
-SDXL training scripts do). The reference's face and person crops are cut from the *stored* image at the
-resolution inference uses, by the same function inference calls (:func:`bolid.crops.reference_crops`), at the
+SDXL training scripts do); ``keypoints`` holds the target's keypoints moved into that crop
+(:func:`crop_keypoints`, for the body-weighted diffusion loss). The reference's face and person crops are cut
+from the *stored* image at the resolution inference uses, by the same function inference calls
+(:func:`bolid.crops.reference_crops`), at the
 image encoder's input size ``crop_size``; the batch holds ``ref_face``, ``ref_person``, ``ref_keypoints`` (in
 person-crop pixels), ``ref_face_visible`` (see :func:`batch_crops`) and ``ref_image``, the whole reference
 letterboxed into a ``crop_size`` square (for the EVA-CLIP image loss and the sample grid).
@@ -101,6 +103,21 @@ def resize_and_crop(
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     params = CropParams(original_size or (h, w), (top, left), (resolution, resolution))
     return arr, params
+
+
+def crop_keypoints(keypoints: np.ndarray, image_size: tuple[int, int], crop: CropParams, flip: bool) -> torch.Tensor:
+    """Keypoints ``(17, 3)`` of a stored image ``(w, h)`` = ``image_size``, moved into the training crop that
+    :func:`resize_and_crop` cut from it (scores kept). A flip mirrors x; left/right labels are not swapped."""
+    w, h = image_size
+    resolution = crop.target_size[1]
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    top, left = crop.crop_top_left
+    kp = torch.from_numpy(np.asarray(keypoints, dtype=np.float32).copy())
+    x, y = kp[:, 0] * (nw / w), kp[:, 1] * (nh / h)
+    kp[:, 0] = (nw - left - x) if flip else (x - left)
+    kp[:, 1] = y - top
+    return kp
 
 
 def letterbox(
@@ -234,6 +251,7 @@ def to_training_pair(
     tmeta, rmeta = target["meta"], ref["meta"]
     original = (tmeta.original_height, tmeta.original_width)
     pixels, crop = resize_and_crop(target["image"], resolution, original, random_crop, flip, rng)
+    target_keypoints = crop_keypoints(tmeta.keypoints_array(), target["image"].size, crop, flip)
     keypoints = rmeta.keypoints_array()
     # The face and person crops come from the stored image at full resolution, through the function inference uses.
     crops = reference_crops(ref["image"], keypoints, np.asarray(rmeta.box), crop_size, min_score)
@@ -242,6 +260,7 @@ def to_training_pair(
         "pixels": pixels,
         "time_ids": crop.time_ids(),
         "flip": torch.tensor(flip),
+        "keypoints": target_keypoints,
         "caption": tmeta.caption,
         "ref_face": crops.face[0],
         "ref_person": crops.person[0],

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bolid.body import body_features
+from bolid.body import BODY_INDICES, body_features
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -228,6 +228,38 @@ def body_identity_loss(
         pos = ((fg.coords - fr.coords.to(fg.coords)) ** 2).sum(-1)
         loss = loss + pose_weight * (pos * vis).sum() / vis.sum().clamp(min=1)
     return loss, n / valid.numel()
+
+
+def body_weighted_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    keypoints: torch.Tensor,
+    image_side: int,
+    weight: float,
+    sigma: float,
+    min_score: float = 0.3,
+) -> torch.Tensor:
+    """``L_diff`` with the target's body counted more: each latent pixel's squared error (mean over channels)
+    is weighted by ``1 + weight·W``, ``W`` the Gaussian map of the target's 12 body keypoints
+    (:func:`bolid.body_encoder.gaussian_keypoint_weights`, in ``[0, 1]``), normalised per image so the loss
+    keeps MSE's scale. A target without visible keypoints gets uniform weights: the plain MSE.
+
+    Args:
+        pred, target: ``(B, C, h, w)`` prediction and diffusion target in latent space.
+        keypoints: ``(B, 17, 3)`` the targets' keypoints in pixels of the ``image_side`` training crop.
+        image_side: side of the training crop, for the pixel-to-latent scale.
+        weight: ``λ``; 0 gives the plain MSE.
+        sigma: the Gaussians' sigma as a fraction of the latent side.
+        min_score: keypoints scoring below this are left out.
+    """
+    from bolid.body_encoder import gaussian_keypoint_weights
+
+    side = pred.shape[-1]
+    kp = keypoints.float()[:, BODY_INDICES[0] :]
+    kp = torch.cat([kp[..., :2] * (side / image_side), kp[..., 2:]], -1)
+    w = 1 + weight * gaussian_keypoint_weights(kp, tuple(pred.shape[-2:]), sigma * side, min_score)  # (B, h, w)
+    err = ((pred.float() - target.float()) ** 2).mean(1)
+    return ((err * w).flatten(1).sum(1) / w.flatten(1).sum(1)).mean()
 
 
 def proportion_identity_loss(

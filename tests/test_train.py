@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from bolid.data import PairDataset, identity_pairs, resize_and_crop
+from bolid.data import PairDataset, crop_keypoints, identity_pairs, resize_and_crop
 from bolid.train.datamodule import PairDataModule
 from bolid.train.module import BoLIDTrainingModule, NonFiniteLossError
 
@@ -86,7 +86,54 @@ def test_sdxl_time_ids_follow_the_crop():
     assert flipped.crop_top_left == (0, 150 - 25 - 100)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_target_keypoints_follow_the_crop(flip):
+    """A bright pixel at each keypoint of the stored image is where the moved keypoint says, after the resize,
+    a random crop and the flip."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    points = np.array([[40.0, 30.0, 0.9], [250.0, 170.0, 0.8], [160.0, 60.0, 0.0]], np.float32)
+    kp = np.zeros((17, 3), np.float32)
+    kp[[5, 9, 16]] = points
+    for seed in range(3):
+        arr = np.zeros((200, 300, 3), np.uint8)
+        for x, y, _ in points:
+            arr[int(y) - 6 : int(y) + 6, int(x) - 6 : int(x) + 6] = 255
+        pixels, crop = resize_and_crop(Image.fromarray(arr), 100, random_crop=True, flip=flip, rng=random.Random(seed))
+        moved = crop_keypoints(kp, (300, 200), crop, flip)
+        assert torch.equal(moved[:, 2], torch.from_numpy(kp[:, 2]))
+        for x, y in moved[[5, 9, 16], :2].tolist():
+            if 1 <= x < 99 and 1 <= y < 99:  # inside the crop: on the bright square
+                assert pixels[:, int(y), int(x)].min() > 0.5, (seed, x, y)
+
+
 # ---------------------------------------------------------------------------------------------- losses
+
+
+def test_body_weighted_mse_counts_the_body_more():
+    from bolid.losses import body_weighted_mse
+
+    pred, target = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    kp = torch.zeros(2, 17, 3)
+    kp[:, 5:, :2] = torch.tensor([24.0, 20.0])  # every body point on latent pixel (6, 5) of a 64 px crop
+    kp[:, 5:, 2] = 0.9
+    plain = torch.nn.functional.mse_loss(pred, target)
+    torch.testing.assert_close(body_weighted_mse(pred, target, kp, 64, 0.0, 0.05), plain)
+    hidden = kp.clone()
+    hidden[..., 2] = 0.0  # nobody visible: uniform weights
+    torch.testing.assert_close(body_weighted_mse(pred, target, hidden, 64, 10.0, 0.05), plain)
+
+    zero = torch.zeros(2, 4, 16, 16)
+    on_body, off_body = zero.clone(), zero.clone()
+    on_body[:, :, 5, 6] = 1.0
+    off_body[:, :, 15, 0] = 1.0
+    cost = {name: body_weighted_mse(e, zero, kp, 64, 10.0, 0.05).item() for name, e in
+            (("body", on_body), ("background", off_body))}  # fmt: skip
+    # The peak of W is 1 on the body and exp(-d^2 / 2 sigma^2) ~ 0 in the far corner: 11x the cost.
+    assert cost["body"] / cost["background"] == pytest.approx(11.0, rel=1e-3), cost
 
 
 def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):

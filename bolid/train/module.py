@@ -55,6 +55,7 @@ from bolid.losses import (
     ClipTextLoss,
     DifferentiablePose,
     body_identity_loss,
+    body_weighted_mse,
     diffusion_target,
     proportion_identity_loss,
 )
@@ -92,6 +93,11 @@ class BoLIDTrainingModule(L.LightningModule):
         drop_all: probability of dropping text, face and body together.
         lightning_steps: Euler steps of the Lightning branch (the checkpoint's step count: 2, 4 or 8).
         grad_steps: keep gradients through the last this many branch steps (k).
+        body_loss_weight: weight ``λ`` of the target's body in ``L_diff``: each latent pixel's squared error is
+            weighted by ``1 + λ·W``, ``W`` the Gaussian map of the target's 12 body keypoints (as the body
+            encoder's, sigma ``body_loss_sigma`` x the latent side), normalised per image; 0 = plain MSE.
+            The body is a small part of a photo, and its proportions a smaller part of that error.
+        body_loss_sigma: that map's sigma as a fraction of the latent side.
         id_every_n_steps: run the Lightning branch every this many training steps.
         id_start_step: first training step that runs the Lightning branch.
         branch_resolution: image side of the Lightning branch (768 as PuLID; smaller on small GPUs).
@@ -137,6 +143,8 @@ class BoLIDTrainingModule(L.LightningModule):
         drop_all: float = 0.05,
         lightning_steps: int = 4,
         grad_steps: int = 1,
+        body_loss_weight: float = 0.0,
+        body_loss_sigma: float = 0.05,
         id_every_n_steps: int = 1,
         id_start_step: int = 0,
         branch_resolution: int = 768,
@@ -161,6 +169,11 @@ class BoLIDTrainingModule(L.LightningModule):
         for name in ("drop_text", "drop_face", "drop_body", "drop_all"):
             if not 0.0 <= locals()[name] <= 1.0:
                 raise ValueError(f"model.{name} must be a probability in [0, 1], got {locals()[name]}")
+        if body_loss_weight < 0 or not body_loss_sigma > 0:
+            raise ValueError(
+                f"model.body_loss_weight must be >= 0 and model.body_loss_sigma > 0, got {body_loss_weight}, "
+                f"{body_loss_sigma}"
+            )
         if min(w_diff, w_id, w_clip, w_clip_image, id_pose_weight) < 0:
             raise ValueError(
                 "model.w_diff, model.w_id, model.w_clip, model.w_clip_image and model.id_pose_weight must be >= 0"
@@ -404,7 +417,12 @@ class BoLIDTrainingModule(L.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.noise_scheduler, latents, noise, t)
         pred = self._unet(self.unet, noisy, t, text, pooled, batch["time_ids"], embeds)
-        return F.mse_loss(pred, target.float())
+        if not hp.body_loss_weight:
+            return F.mse_loss(pred, target.float())
+        return body_weighted_mse(
+            pred, target.float(), batch["keypoints"].to(self.device), batch["pixels"].shape[-1],
+            hp.body_loss_weight, hp.body_loss_sigma, hp.min_score,
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def lightning_lora_on(self):
