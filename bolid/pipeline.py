@@ -56,6 +56,8 @@ class BoLIDPipeline:
         lightning: the UNet is SDXL-Lightning (sets the sampling defaults).
         pose_threshold: the extractor's person-detection threshold (reported in errors and settings).
         info: free-form provenance recorded in the settings (component kind, adapter path, ...).
+        distilled_steps: the step count the Lightning UNet was distilled for (a warning names other counts);
+            ``None`` for a few-step stand-in that is not distilled (the mini kit's).
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class BoLIDPipeline:
         lightning: bool = True,
         pose_threshold: float | None = None,
         info: dict | None = None,
+        distilled_steps: int | None = LIGHTNING_STEPS,
     ):
         self.sdxl = sdxl
+        self.distilled_steps = distilled_steps
         self.adapter = adapter
         self.extractor = extractor
         self.lightning = lightning
@@ -150,7 +154,9 @@ class BoLIDPipeline:
                 threshold=pose_threshold,
             )
         info = {"components": cfg.kind, "overrides": dict(cfg.overrides), "adapter": str(adapter) if adapter else None}
-        return cls(sdxl, module, extractor, lightning=lightning, pose_threshold=pose_threshold, info=info)
+        distilled = getattr(comp.kit_module(cfg.kind), "LIGHTNING_DISTILLED_STEPS", LIGHTNING_STEPS)
+        return cls(sdxl, module, extractor, lightning=lightning, pose_threshold=pose_threshold, info=info,
+                   distilled_steps=distilled)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -262,8 +268,8 @@ class BoLIDPipeline:
         steps = steps or (LIGHTNING_STEPS if self.lightning else BASE_STEPS)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if self.lightning and steps != LIGHTNING_STEPS:
-            log.warning("the SDXL-Lightning UNet is distilled for %d steps; running %d", LIGHTNING_STEPS, steps)
+        if self.lightning and self.distilled_steps is not None and steps != self.distilled_steps:
+            log.warning("the SDXL-Lightning UNet is distilled for %d steps; running %d", self.distilled_steps, steps)
         return steps
 
     def prepare_identity(

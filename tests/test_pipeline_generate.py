@@ -187,3 +187,22 @@ def test_generate_reports_bad_adapter_and_missing_base_model(fixtures, tmp_path,
     assert main([*base, "--components", "real"]) == 2
     assert "Missing weights for component 'sdxl'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_step_count_warning_only_for_a_distilled_unet(pipe, caplog):
+    """The tiny kit stands for SDXL-Lightning (distilled for 4 steps): other counts are named. A stand-in that is
+    not distilled (the mini kit's base UNet) has no special count, so nothing is said."""
+    with caplog.at_level(logging.WARNING, logger="bolid.pipeline"):
+        pipe("a person", steps=2, height=64, width=64)
+    assert "distilled for 4 steps; running 2" in caplog.text
+    caplog.clear()
+    pipe.distilled_steps = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="bolid.pipeline"):
+            pipe("a person", steps=2, height=64, width=64)
+    finally:
+        pipe.distilled_steps = 4
+    assert "distilled" not in caplog.text
+    from bolid.kits import mini
+
+    assert mini.LIGHTNING_DISTILLED_STEPS is None

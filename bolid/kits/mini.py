@@ -144,6 +144,10 @@ def sdxl(source: str | None = None, torch_dtype: torch.dtype | None = None, vari
     return sdxl_components(trained=True)
 
 
+#: The mini "Lightning" is not distilled (see sdxl_lightning_unet): no step count is special.
+LIGHTNING_DISTILLED_STEPS = None
+
+
 def sdxl_lightning_unet(source: str | None = None, *, base_unet):
     """The few-step stand-in for SDXL-Lightning: the base UNet itself, sampled with few trailing-Euler steps."""
     return base_unet
