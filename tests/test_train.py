@@ -154,6 +154,44 @@ def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):
         assert any(p.grad.abs().sum() > 0 for p in grads), name
 
 
+def test_proportions_body_shape_drives_l_id_and_survives_the_adapter_file(tiny_shards, tmp_path):
+    """With adapter.body_shape: proportions, L_id is 1 - cos of z-scored proportions (in [0, 2]) and reaches the body
+    encoder; the statistics travel in adapter.json to the next stage."""
+    from bolid.losses import proportion_identity_loss
+    from bolid.metrics import BODY_STATS_MEAN
+
+    module = _module(adapter={"body_shape": "proportions"}, min_score=0.0)
+    cfg = module.adapter.config
+    assert cfg.proportion_mean == list(BODY_STATS_MEAN)  # tiny / real: the real-photo statistics
+    batch = _batch(tiny_shards)
+    out = module.id_losses(batch, torch.Generator().manual_seed(0))
+    assert 0.0 <= out["loss_id"].item() <= 2.0
+    out["loss_id"].backward()
+    assert module.adapter.body_encoder.body_in.weight.grad.abs().sum() > 0
+    stats = torch.tensor(cfg.proportion_mean), torch.tensor(cfg.proportion_std)
+    same, _ = proportion_identity_loss(batch["ref_keypoints"], batch["ref_keypoints"], *stats, 0.0)
+    assert same.item() < 1e-5
+    # The loss on the branch's keypoints is exactly this function: read the other person's keypoints as "generated".
+    class OtherPerson(torch.nn.Module):
+        def forward(self, images):
+            return batch["ref_keypoints"].flip(0) + 0 * images.mean()
+
+    real_pose = module.pose
+    module.pose = OtherPerson()
+    try:
+        got = module.id_losses(batch, torch.Generator().manual_seed(0))["loss_id"]
+    finally:
+        module.pose = real_pose
+    expected, _ = proportion_identity_loss(batch["ref_keypoints"].flip(0), batch["ref_keypoints"], *stats, 0.0)
+    torch.testing.assert_close(got, expected)
+    module.adapter.save(tmp_path / "adapter")
+    again = _module(init_adapter=str(tmp_path / "adapter"))
+    assert again.adapter.config.body_shape == "proportions"
+    assert again.adapter.config.proportion_std == cfg.proportion_std
+    with pytest.raises(ValueError, match="id_pose_weight needs adapter.body_shape: net"):
+        _module(adapter={"body_shape": "proportions"}, id_pose_weight=0.5)
+
+
 @pytest.mark.slow
 def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_shards):
     module = _module(stage=1, w_id=0.0, w_clip=0.0, drop_text=0, drop_face=0, drop_body=0, drop_all=0)
