@@ -230,3 +230,18 @@ def test_make_mini_quick_runs_every_stage_and_resumes(tmp_path):
     assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
     assert {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in adapters} == adapters
     assert (docs / "results.md").read_text() == table
+
+
+def test_mini_probe_refuses_an_adapter_it_cannot_read(tmp_path, capsys):
+    """The probe compares proportion losses; an adapter that reads bodies with the 3D network is refused by name."""
+    from bolid.adapter import AdapterConfig, BodyConditionModule
+    from bolid.image_encoder import ClipImageEncoder
+    from bolid.kits import mini
+    from demo.mini_probe import main as probe
+
+    eva, _, _ = mini.build_eva_clip()
+    net = BodyConditionModule(mini.build_unet(), ClipImageEncoder(eva, "BoLID-EVA02-Tiny"), AdapterConfig())
+    net.save(tmp_path / "net")
+    with pytest.raises(SystemExit):
+        probe(["--adapter", str(tmp_path / "net"), "--shards", str(tmp_path / "none")])
+    assert "body_shape='net'" in capsys.readouterr().err
