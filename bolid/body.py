@@ -106,6 +106,21 @@ class BodyFeatures:
         return (self.proportions - mean) / std * self.proportions_mask
 
 
+def proportion_cosine(
+    a: BodyFeatures, b: BodyFeatures, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Body Sim v1's core: cosine of two persons' z-scored proportions over the proportions visible in both.
+
+    Returns:
+        ``(cosine, common)``, each ``(...,)``: the cosine (0 where a z-vector is all zeros, guarded by ``eps``)
+        and how many proportions both persons show.
+    """
+    za = a.z_scores(mean, std) * b.proportions_mask
+    zb = b.z_scores(mean, std) * a.proportions_mask
+    cos = (za * zb).sum(-1) / (za.norm(dim=-1) * zb.norm(dim=-1)).clamp(min=eps)
+    return cos, (a.proportions_mask * b.proportions_mask).sum(-1)
+
+
 def _dist(p: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return torch.linalg.vector_norm(p[..., a, :] - p[..., b, :], dim=-1)
 

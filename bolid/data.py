@@ -65,6 +65,12 @@ class CropParams:
         return torch.tensor([*self.original_size, *self.crop_top_left, *self.target_size], dtype=torch.float32)
 
 
+def _resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """``(width, height)`` after :func:`resize_and_crop`'s resize: the short side to ``resolution``."""
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
 def resize_and_crop(
     image: Image.Image,
     resolution: int,
@@ -88,8 +94,7 @@ def resize_and_crop(
     """
     rng = rng or random.Random()
     w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    nw, nh = _resized_size(w, h, resolution)
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0)
     if random_crop:
@@ -109,9 +114,7 @@ def crop_keypoints(keypoints: np.ndarray, image_size: tuple[int, int], crop: Cro
     """Keypoints ``(17, 3)`` of a stored image ``(w, h)`` = ``image_size``, moved into the training crop that
     :func:`resize_and_crop` cut from it (scores kept). A flip mirrors x; left/right labels are not swapped."""
     w, h = image_size
-    resolution = crop.target_size[1]
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    nw, nh = _resized_size(w, h, crop.target_size[1])
     top, left = crop.crop_top_left
     kp = torch.from_numpy(np.asarray(keypoints, dtype=np.float32).copy())
     x, y = kp[:, 0] * (nw / w), kp[:, 1] * (nh / h)

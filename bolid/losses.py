@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bolid.body import BODY_INDICES, body_features
+from bolid.body import BODY_INDICES, body_features, proportion_cosine
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -297,11 +297,8 @@ def proportion_identity_loss(
     gen[..., 2] = gen[..., 2].detach()
     g = body_features(gen, min_score=gen_min_score)
     r = body_features(reference.float().to(gen.device), min_score=min_score)
-    mean, std = mean.to(gen.device, torch.float32), std.to(gen.device, torch.float32)
-    zg = g.z_scores(mean, std) * r.proportions_mask
-    zr = r.z_scores(mean, std) * g.proportions_mask
-    cos = (zg * zr).sum(-1) / (zg.norm(dim=-1) * zr.norm(dim=-1)).clamp(min=1e-6)
-    valid = ((g.proportions_mask * r.proportions_mask).sum(-1) >= min_features).to(cos.dtype)
+    cos, common = proportion_cosine(g, r, mean, std, eps=1e-6)
+    valid = (common >= min_features).to(cos.dtype)
     n = valid.sum()
     return ((1 - cos) * valid).sum() / n.clamp(min=1), n / valid.numel()
 

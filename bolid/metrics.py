@@ -60,7 +60,7 @@ from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal import CLIPScore
 from torchmetrics.utilities import dim_zero_cat
 
-from bolid.body import NUM_PROPORTIONS, PROPORTION_NAMES, body_features
+from bolid.body import NUM_PROPORTIONS, PROPORTION_NAMES, body_features, proportion_cosine
 from bolid.pose import PoseExtractor
 
 __all__ = [
@@ -190,13 +190,9 @@ def body_similarity(
     ref_found = ~torch.isnan(reference).any(dim=(-2, -1))
     g = body_features(torch.nan_to_num(generated.double()), min_score=min_score)
     r = body_features(torch.nan_to_num(reference.double()), min_score=min_score)
-    both = g.proportions_mask * r.proportions_mask  # (N, 6)
-    mean, std = mean.to(both), std.to(both)
-    zg = g.z_scores(mean, std) * r.proportions_mask
-    zr = r.z_scores(mean, std) * g.proportions_mask
-    cos = (zg * zr).sum(-1) / (zg.norm(dim=-1) * zr.norm(dim=-1)).clamp(min=eps)  # (N,)
+    cos, common = proportion_cosine(g, r, mean, std, eps)  # (N,)
     reason = torch.full_like(cos, -1, dtype=torch.long)
-    reason[both.sum(-1) < min_features] = 2
+    reason[common < min_features] = 2
     reason[~ref_found] = 1
     reason[~gen_found] = 0
     return torch.where(reason < 0, cos, torch.full_like(cos, float("nan"))).float(), reason

@@ -111,3 +111,22 @@ def test_adapter_config_keeps_the_statistics():
         AdapterConfig.from_dict({"body_shape": "proportion"})
     with pytest.raises(ValueError, match="needs proportion_stats"):
         BodyIDEncoder(8, 16, body_shape="proportions")
+
+
+def test_cosine_runs_over_the_proportions_both_persons_show():
+    """A proportion one person hides is left out of *both* z-vectors: hiding the other's forearm changes nothing
+    when that forearm is also hidden in the first."""
+    from bolid.body import proportion_cosine
+
+    a, b = _kp(1, 0), _kp(2, 0)
+    a_no_arms, b_no_arms = a.clone(), b.clone()
+    a_no_arms[[9, 10], 2] = 0.0  # wrists: the forearm proportion is gone
+    b_no_arms[[9, 10], 2] = 0.0
+    fa, fb = body_features(a, 0.5), body_features(b, 0.5)
+    fa_cut, fb_cut = body_features(a_no_arms, 0.5), body_features(b_no_arms, 0.5)
+    one_sided, common = proportion_cosine(fa, fb_cut, *STATS)
+    both_cut, common_cut = proportion_cosine(fa_cut, fb_cut, *STATS)
+    full, common_full = proportion_cosine(fa, fb, *STATS)
+    assert common.item() == common_cut.item() == common_full.item() - 1
+    torch.testing.assert_close(one_sided, both_cut)
+    assert abs(one_sided.item() - full.item()) > 1e-3  # the forearm mattered

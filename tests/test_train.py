@@ -171,6 +171,7 @@ def test_proportions_body_shape_drives_l_id_and_survives_the_adapter_file(tiny_s
     stats = torch.tensor(cfg.proportion_mean), torch.tensor(cfg.proportion_std)
     same, _ = proportion_identity_loss(batch["ref_keypoints"], batch["ref_keypoints"], *stats, 0.0)
     assert same.item() < 1e-5
+
     # The loss on the branch's keypoints is exactly this function: read the other person's keypoints as "generated".
     class OtherPerson(torch.nn.Module):
         def forward(self, images):

@@ -231,6 +231,12 @@ def body_stats(exact: bool = False) -> tuple[list[float], list[float]]:
     return (d["exact_mean"], d["exact_std"]) if exact else (d["mean"], d["std"])
 
 
+def proportion_stats() -> tuple[list[float], list[float]]:
+    """The population an adapter with ``body_shape: proportions`` z-scores with, unless its config names one:
+    this world's own (:func:`body_stats` with ``exact=True``). Kits without this hook use the real-photo ones."""
+    return body_stats(exact=True)
+
+
 def build_eva_clip(trained: bool = True):
     """open_clip EVA02 (the tiny kit's architecture, 32 px) trained on render/caption pairs."""
     model, preprocess, tokenizer = tiny.tiny_eva_clip()

@@ -237,11 +237,10 @@ class BoLIDTrainingModule(L.LightningModule):
                 log.warning("model.adapter settings are ignored: the adapter comes from %s", init_adapter)
         else:
             settings = dict(adapter_settings or {})
-            if settings.get("body_shape") == "proportions" and self.cfg.mini and "proportion_mean" not in settings:
-                # The mini world's own population (its exact keypoints), not the real-photo statistics.
-                from bolid.kits import mini
-
-                settings["proportion_mean"], settings["proportion_std"] = mini.body_stats(exact=True)
+            kit_stats = getattr(comp.kit_module(self.cfg.kind), "proportion_stats", None)
+            if settings.get("body_shape") == "proportions" and kit_stats and "proportion_mean" not in settings:
+                # The kit's own population (BoLID-mini: its world's exact keypoints), not the real-photo statistics.
+                settings["proportion_mean"], settings["proportion_std"] = kit_stats()
             self.adapter = BodyConditionModule(self.unet, image_encoder, AdapterConfig.from_dict(settings))
         if self.adapter.config.body_shape == "proportions" and hp.id_pose_weight > 0:
             raise ValueError(
@@ -526,9 +525,9 @@ class BoLIDTrainingModule(L.LightningModule):
             embeds, batch["caption"], generator, hp.branch_resolution, hp.lightning_steps, hp.grad_steps, text=text
         )
         kp = self.pose(images)
-        cfg = self.adapter.config
-        if cfg.body_shape == "proportions":  # the representation the body encoder reads
-            stats = torch.tensor(cfg.proportion_mean), torch.tensor(cfg.proportion_std)
+        encoder = self.adapter.body_encoder
+        if encoder.body_shape == "proportions":  # the representation the body encoder reads, with its statistics
+            stats = encoder.proportion_mean.float(), encoder.proportion_std.float()
             l_id, valid = proportion_identity_loss(kp, batch["ref_keypoints"], *stats, hp.min_score)
         else:
             l_id, valid = body_identity_loss(kp, batch["ref_keypoints"], hp.min_score, pose_weight=hp.id_pose_weight)
