@@ -351,7 +351,7 @@ def measure_synthetic_fit(out: dict, n: int = FIT_N, seed: int = 7) -> None:
 
 
 def plot(real: dict, path: Path) -> None:
-    """ROC curves of v1 and v2 on both real sets, and v2's score distributions on posevaried."""
+    """ROC curves of v1, v2 and v2 fit on both real sets, and v1's and v2's score distributions on posevaried."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,7 +360,7 @@ def plot(real: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
     for ax, set_name in zip(axes[:2], ("fullbody", "posevaried"), strict=True):
-        for name in ("v1", "v2", "BlazePose 3D"):
+        for name in ("v1", "v2", "v2 fit", "BlazePose 3D"):
             s, same = real["curves"][name, set_name]
             fpr, tpr, _ = binary_roc(torch.nan_to_num(s.float(), nan=-2.0), same.long())
             ax.plot(fpr, tpr, label=f"{name} (AUC {real['auc'][name, set_name]:.3f})")
