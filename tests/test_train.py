@@ -12,7 +12,7 @@ import yaml
 
 from bolid.data import PairDataset, crop_keypoints, identity_pairs, resize_and_crop
 from bolid.train.datamodule import PairDataModule
-from bolid.train.module import BoLIDTrainingModule, NonFiniteLossError
+from bolid.train.module import BoLIDTrainingModule, NonFiniteLossError, reference_swap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +152,49 @@ def test_each_loss_is_finite_and_reaches_only_trainable_parameters(tiny_shards):
         assert grads, f"{name} reaches no parameter"
         assert all(id(p) in trainable for p in grads), f"{name} reaches a frozen parameter"
         assert any(p.grad.abs().sum() > 0 for p in grads), name
+
+
+def test_reference_swap_uses_every_reference_once_and_never_the_same_person():
+    """A permutation across people; the largest group is cut to the rest's size so that one exists."""
+    for people in (list("AABB"), list("ABCAB"), list("AAAAAAAAAAAABBBB"), list("ABBBCCCCCD")):
+        keep, other = reference_swap(people)
+        assert sorted(other) == list(range(len(keep))), people  # every kept reference taken exactly once
+        assert all(people[keep[i]] != people[keep[j]] for i, j in enumerate(other)), people
+        assert keep == sorted(keep)
+    keep, _ = reference_swap(list("AAAAAAAAAAAABBBB"))
+    assert [list("AAAAAAAAAAAABBBB")[i] for i in keep] == list("AAAABBBB")  # 12 A cut to the 4 B
+    assert len(reference_swap(list("ABBBCCCCCD"))[0]) == 10  # C is exactly half: nothing cut
+    assert reference_swap(["A", "A", "A"]) is None
+
+
+def test_reference_gain_compares_references_on_the_same_noise(tiny_shards):
+    """val/ref_gain: L_diff with another person's reference minus with the right one, on the same noise,
+    timesteps and text. It is exactly 0 when the identity terms are off, and exactly what two separate
+    diffusion_loss calls with swapped references give when they are on."""
+    from bolid.adapter import IdentityEmbeds
+
+    module = _module(stage=1, w_id=0.0, w_clip=0.0).eval()
+    a, b = _batch(tiny_shards, "train"), _batch(tiny_shards, "validation")  # the tiny splits hold one person each
+    batch = {k: torch.cat([a[k], b[k]]) if isinstance(a[k], torch.Tensor) else a[k] + b[k] for k in a}
+    people = batch["identity"]
+    assert len(set(people)) >= 2, people
+    for p in module.adapter.trainable_parameters():  # a trained-looking adapter: the references matter
+        p.data.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        gain = module.reference_gain(batch, seed=5)
+        own = module._identity(batch)
+        keep, other = reference_swap(people)
+        assert keep == list(range(len(people)))  # two photos of each of two people: nothing to cut
+        swapped = IdentityEmbeds(own.face[other], own.body[other], own.face_visible[other])
+        by_hand = [module.diffusion_loss(batch, torch.Generator().manual_seed(5), False, identity=e)
+                   for e in (own, swapped)]  # fmt: skip
+        assert torch.equal(gain["loss_diff"], by_hand[0]) and torch.equal(gain["loss_diff_other_ref"], by_hand[1])
+        assert abs(float(gain["ref_gain"])) > 1e-4  # the reference changes the prediction
+        module.adapter.set_scales(face=0.0, body=0.0)  # identity off: who the reference shows cannot matter
+        off = module.reference_gain(batch, seed=5)
+        assert float(off["ref_gain"]) == 0.0, float(off["ref_gain"])
+        one_person = {k: v[:1] if isinstance(v, (list, torch.Tensor)) else v for k, v in batch.items()}
+        assert module.reference_gain(one_person, seed=5) is None
 
 
 def test_proportions_body_shape_drives_l_id_and_survives_the_adapter_file(tiny_shards, tmp_path):

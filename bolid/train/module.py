@@ -67,6 +67,31 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
 
 
+def reference_swap(people: list[str]) -> tuple[list[int], list[int]] | None:
+    """Whose reference each sample takes in :meth:`BoLIDTrainingModule.reference_gain`: ``(keep, other)``,
+    ``other[i]`` (a position in ``keep``) showing another person than ``keep[i]``.
+
+    ``other`` is a permutation, so every kept reference is used once as its own and once as another's: a
+    reference that disturbs the UNet more than others then weighs on both losses alike, whatever the mix of
+    people in the batch. That needs no person in more than half the samples, so the largest group is cut to
+    the size of the rest. ``None`` when the batch shows one person.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(people):
+        groups.setdefault(p, []).append(i)
+    largest = max(groups.values(), key=len)
+    rest = len(people) - len(largest)
+    if rest == 0:
+        return None
+    del largest[rest:]
+    keep = [i for g in groups.values() for i in g]  # grouped by person; each group at most half of keep
+    n = len(keep)
+    other = [(i + n // 2) % n for i in range(n)]  # half-way round: never inside the same contiguous group
+    order = sorted(range(n), key=lambda i: keep[i])  # back to batch order
+    rank = {j: r for r, j in enumerate(order)}
+    return [keep[j] for j in order], [rank[other[j]] for j in order]
+
+
 class BoLIDTrainingModule(L.LightningModule):
     """Trains the Body-Condition Module (adapter + encoder heads) on a frozen SDXL.
 
@@ -596,10 +621,41 @@ class BoLIDTrainingModule(L.LightningModule):
             out["grad_ratio_id_diff"] = out["grad_norm_id"] / out["grad_norm_diff"].clamp(min=1e-12)
         return out
 
+    def reference_gain(self, batch: dict, seed: int) -> dict[str, torch.Tensor] | None:
+        """How much the right reference is worth to the diffusion loss.
+
+        ``L_diff`` of the batch (no dropout) with each sample's own reference, and again with the reference of
+        another person in the batch (:func:`reference_swap`), on the same noise, timesteps and text.
+        ``ref_gain`` is their difference relative to the first: 0 when the adapter ignores who the reference
+        shows, and what stage 1 learns identity from (about 0.2% for BoLID-mini, docs/mini/README.md).
+        ``None`` for a batch of one person.
+        """
+        pairs = reference_swap(batch["identity"])
+        if pairs is None:
+            return None
+        keep, other = pairs
+        if len(keep) < len(batch["identity"]):
+            batch = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep] if isinstance(v, list) else v
+                     for k, v in batch.items()}  # fmt: skip
+        own = self._identity(batch)
+        swapped = IdentityEmbeds(own.face[other], own.body[other], own.face_visible[other])
+        losses = [
+            self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), False, identity=e)
+            for e in (own, swapped)
+        ]
+        return {"loss_diff": losses[0], "loss_diff_other_ref": losses[1],
+                "ref_gain": (losses[1] - losses[0]) / losses[0].clamp(min=1e-12)}  # fmt: skip
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
-        loss = self.diffusion_loss(batch, generator, dropout=False)
-        self.log("val/loss_diff", loss, prog_bar=True, batch_size=batch["pixels"].shape[0], sync_dist=True)
+        seed, bs = self.hparams.seed + 7919 * batch_idx, batch["pixels"].shape[0]
+        loss = self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), dropout=False)
+        self.log("val/loss_diff", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        gain = self.reference_gain(batch, seed)
+        if gain is not None:  # None: one person in the batch, no other reference to compare with
+            # own / other: the same samples (reference_swap may leave some out), comparable with each other
+            self.log("val/loss_diff_own_ref", gain["loss_diff"], batch_size=bs, sync_dist=True)
+            self.log("val/loss_diff_other_ref", gain["loss_diff_other_ref"], batch_size=bs, sync_dist=True)
+            self.log("val/ref_gain", gain["ref_gain"], prog_bar=True, batch_size=bs, sync_dist=True)
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
