@@ -123,8 +123,8 @@ SWAP_MARGIN = 0.1  # mean Body Sim margin the learned identity must clear
 IDENTITY_GAIN = 0.1
 PAIRS = 12  # per-pair margins scatter by ~0.2: with 4 pairs a margin of 0 passed 0.1 by chance (see below)
 #: The committed weights do not show body identity yet (docs/mini/README.md). With the shipped stage-2 adapter
-#: (2D-proportion encoder and L_id, 300 steps): swap margin +0.063 +- 0.107 over 16 pairs, and on the old test's
-#: 4 pairs +0.120, which passed the old 4-pair test by chance; hence 12 pairs and a lower 95% bound above 0.
+#: the swap margin is -0.023 and the with-vs-without gain -0.058 (12 pairs). The previous adapter scored +0.120
+#: on the old test's 4 pairs and passed by chance (+0.063 +- 0.107 over 16); hence 12 pairs and a 95% lower bound.
 #: strict: once training makes these pass, the marker must go. raises=AssertionError: only the learning
 #: assertion may fail; a load error (e.g. an adapter that no longer fits the encoder) is a real breakage and
 #: must error, not hide behind the marker. With fixed seeds and weights each result is deterministic.
