@@ -323,7 +323,9 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.train, self.resolution, self.batch_size = train, resolution, batch_size
         self.crop_size, self.min_score = crop_size, min_score
         self.seed, self.resampled, self.random_crop, self.random_flip = seed, resampled, random_crop, random_flip
-        self.shuffle_buffer = shuffle_buffer if train else 0
+        # Evaluation splits are mixed too, with the same seed at every validation (their epoch stays 0): the same
+        # pairs in the same batches each time, and batches of several people for val/ref_gain.
+        self.shuffle_buffer = shuffle_buffer
         self.world_size = world_size
         pairs = epoch_pairs if epoch_pairs is not None else num_samples // max(world_size, 1)
         self.batches_per_epoch = max(1, pairs // batch_size) if num_samples else 0

@@ -115,6 +115,20 @@ def test_datamodule_pairs_never_cross_identities_or_splits(mini_shards):
     assert len(seen) >= 10
 
 
+def test_validation_batches_mix_people_the_same_way_every_validation(mini_shards):
+    """val/ref_gain needs batches of several people; comparable validations need the same batches each time."""
+    from bolid.train.datamodule import PairDataModule
+
+    dm = PairDataModule(str(mini_shards), resolution=64, batch_size=2, num_workers=0, shuffle_buffer=8)
+    dm.setup("fit")
+    runs = [[(tuple(b["identity"]), tuple(b["key"]), tuple(b["ref_key"])) for b in dm.val_dataloader()] for _ in "ab"]
+    assert runs[0] == runs[1] and len(runs[0]) >= 4
+    mixed = sum(len(set(people)) > 1 for people, _, _ in runs[0])
+    assert mixed >= len(runs[0]) // 2, runs[0]  # in identity order (no mixing) only 1 of 5 batches holds two people
+    for people, keys, refs in runs[0]:
+        assert all(k.rsplit("_", 1)[0] == r.rsplit("_", 1)[0] == p for p, k, r in zip(people, keys, refs, strict=True))
+
+
 # ------------------------------------------------------------------------------- learned body identity
 
 PROMPT = "a photo of a person in a studio, wearing a white shirt and black trousers"

@@ -35,7 +35,8 @@ class PairDataModule(L.LightningDataModule):
         epoch_pairs: pairs per epoch per rank (default: the split's sample count / world size).
         random_crop: random crop position for training targets (centre crop otherwise).
         random_flip: probability-0.5 horizontal flip of training targets.
-        shuffle_buffer: pairs held for shuffling across identities.
+        shuffle_buffer: pairs held for shuffling across identities (validation and test: the same order at
+            every validation).
         seed: base seed; epoch ``e`` of worker ``w`` on rank ``r`` uses a seed derived from all four.
         val_pairs: pairs per validation/test pass (default: the split's sample count).
     """

@@ -651,11 +651,17 @@ class BoLIDTrainingModule(L.LightningModule):
         loss = self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), dropout=False)
         self.log("val/loss_diff", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         gain = self.reference_gain(batch, seed)
-        if gain is not None:  # None: one person in the batch, no other reference to compare with
-            # own / other: the same samples (reference_swap may leave some out), comparable with each other
-            self.log("val/loss_diff_own_ref", gain["loss_diff"], batch_size=bs, sync_dist=True)
-            self.log("val/loss_diff_other_ref", gain["loss_diff_other_ref"], batch_size=bs, sync_dist=True)
-            self.log("val/ref_gain", gain["ref_gain"], prog_bar=True, batch_size=bs, sync_dist=True)
+        if gain is None and self.trainer.world_size == 1:
+            return loss
+        # A batch of one person has no other reference. Under DDP it still logs, with weight 0, so that every rank
+        # logs the same keys (the epoch means are sums synced over ranks) and it counts for nothing.
+        n = 0 if gain is None else bs
+        zero = loss.new_zeros(())
+        # own / other: the same samples (reference_swap may leave some out), comparable with each other
+        for key, name in (("loss_diff", "loss_diff_own_ref"), ("loss_diff_other_ref", "loss_diff_other_ref"),
+                          ("ref_gain", "ref_gain")):  # fmt: skip
+            value = zero if gain is None else gain[key].detach()
+            self.log(f"val/{name}", value, prog_bar=name == "ref_gain", batch_size=n, sync_dist=True)
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
