@@ -84,12 +84,13 @@ def reference_swap(people: list[str]) -> tuple[list[int], list[int]] | None:
     if rest == 0:
         return None
     del largest[rest:]
-    keep = [i for g in groups.values() for i in g]  # grouped by person; each group at most half of keep
-    n = len(keep)
-    other = [(i + n // 2) % n for i in range(n)]  # half-way round: never inside the same contiguous group
-    order = sorted(range(n), key=lambda i: keep[i])  # back to batch order
-    rank = {j: r for r, j in enumerate(order)}
-    return [keep[j] for j in order], [rank[other[j]] for j in order]
+    grouped = [i for g in groups.values() for i in g]  # batch indices by person; each group at most half of them
+    n = len(grouped)
+    # half-way round the grouped list: never inside the same contiguous group
+    partner = {grouped[i]: grouped[(i + n // 2) % n] for i in range(n)}
+    keep = sorted(grouped)
+    position = {b: i for i, b in enumerate(keep)}
+    return keep, [position[partner[b]] for b in keep]
 
 
 class BoLIDTrainingModule(L.LightningModule):
@@ -628,7 +629,7 @@ class BoLIDTrainingModule(L.LightningModule):
         another person in the batch (:func:`reference_swap`), on the same noise, timesteps and text.
         ``ref_gain`` is their difference relative to the first: 0 when the adapter ignores who the reference
         shows, and what stage 1 learns identity from (about 0.2% for BoLID-mini, docs/mini/README.md).
-        ``None`` for a batch of one person.
+        ``samples``: how many of the batch's samples were compared. ``None`` for a batch of one person.
         """
         pairs = reference_swap(batch["identity"])
         if pairs is None:
@@ -644,13 +645,16 @@ class BoLIDTrainingModule(L.LightningModule):
             for e in (own, swapped)
         ]
         return {"loss_diff": losses[0], "loss_diff_other_ref": losses[1],
-                "ref_gain": (losses[1] - losses[0]) / losses[0].clamp(min=1e-12)}  # fmt: skip
+                "ref_gain": (losses[1] - losses[0]) / losses[0].clamp(min=1e-12), "samples": len(keep)}  # fmt: skip
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         seed, bs = self.hparams.seed + 7919 * batch_idx, batch["pixels"].shape[0]
-        loss = self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), dropout=False)
-        self.log("val/loss_diff", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         gain = self.reference_gain(batch, seed)
+        if gain is not None and gain["samples"] == bs:  # its own-reference pass is this batch's L_diff
+            loss = gain["loss_diff"]
+        else:
+            loss = self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), dropout=False)
+        self.log("val/loss_diff", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         if gain is None and self.trainer.world_size == 1:
             return loss
         # A batch of one person has no other reference. Under DDP it still logs, with weight 0, so that every rank
