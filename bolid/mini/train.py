@@ -7,7 +7,11 @@ written to ``<out>/<name>.safetensors`` (atomically) and skipped on the next run
 
 * ``vitpose_train`` / ``vitpose_eval``: heatmap regression (Gaussian targets, MSE) on the exact keypoints;
   the eval model trains on a *different* world seed.
-* ``clip`` (transformers) and ``eva_clip`` (open_clip): contrastive loss on render/caption pairs.
+* ``clip`` (transformers) and ``eva_clip`` (open_clip): contrastive loss on render/caption pairs. The EVA-CLIP
+  is BoLID's identity image encoder, so it also learns *who* is in a photo: an identity-contrastive term
+  (open_clip's ``ClipLoss`` between two photos of each person in the batch) on the face and person crops
+  BoLID cuts from references (:func:`bolid.crops.crop_reference`). Captions never name skin, hair or build,
+  so without it the encoder tells people apart at chance.
 * ``vae``: reconstruction (MSE + L1) plus a small KL term; its ``scaling_factor`` (1 / latent std) is stored
   in the file's metadata.
 * ``unet``: epsilon-prediction diffusion loss (min-SNR-5 weighted) on the VAE's latents with the (frozen,
@@ -41,8 +45,8 @@ log = logging.getLogger(__name__)
 
 #: keypoint confidence that counts as visible for Body Sim (configs/eval/mini.yaml metrics.body_min_score).
 BODY_MIN_SCORE = 0.05
-#: name -> default steps (batch 16 to 64): about 75 minutes on 2 CPU cores in all (bolid/mini/weights/README.md).
-STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 200, "vae": 2000, "unet": 6000}
+#: name -> default steps (batch 16 to 64): about 2 hours on 2 CPU cores in all (bolid/mini/weights/README.md).
+STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 3000, "vae": 2000, "unet": 6000}
 #: name -> batch size.
 BATCH = {"vitpose_train": 32, "vitpose_eval": 32, "clip": 64, "eva_clip": 64, "vae": 16, "unet": 32}
 #: Min-SNR loss weighting (Hang et al. 2023) for the UNet: gamma.
@@ -59,12 +63,30 @@ class World:
         self.pixels = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
         self.keypoints = torch.tensor([r["keypoints"] for r in self.labels], dtype=torch.float32)
         self.captions = [r["caption"] for r in self.labels]
+        people: dict[str, list[int]] = {}
+        for i, r in enumerate(self.labels):
+            people.setdefault(r["identity"], []).append(i)
+        #: row indices of each person's photos (people with at least two photos, for identity pairs)
+        self.people = [torch.tensor(rows) for rows in people.values() if len(rows) >= 2]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, gen: torch.Generator, size: int) -> torch.Tensor:
         return torch.randint(len(self), (size,), generator=gen)
+
+    def pairs(self, gen: torch.Generator, people: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of two different photos each of ``people`` different persons: ``(a, b)``, ``(people,)`` each."""
+        if len(self.people) < people:
+            raise ValueError(f"{self.root}: {len(self.people)} people with two photos or more, need {people}")
+        chosen = torch.randperm(len(self.people), generator=gen)[:people]
+        a, b = [], []
+        for p in chosen.tolist():
+            rows = self.people[p]
+            first, second = torch.randperm(len(rows), generator=gen)[:2].tolist()
+            a.append(int(rows[first]))
+            b.append(int(rows[second]))
+        return torch.tensor(a), torch.tensor(b)
 
 
 def _loop(
@@ -199,22 +221,56 @@ def train_clip(world: World, steps: int, work: Path, batch: int = 64):
     return model
 
 
+#: EVA-CLIP's identity term: its weight beside the caption loss, and the fixed logit scale (1 / temperature).
+EVA_ID_WEIGHT, EVA_ID_LOGIT_SCALE = 1.0, 10.0
+
+
+def _reference_crops(world: World, idx: torch.Tensor, gen: torch.Generator, size: int):
+    """Face and person crops of rows ``idx`` as BoLID cuts them from a reference (pixels in [0, 1]).
+
+    The exact keypoints get a keypoint reader's error (0.7 px per point) and a shift of the whole body of up
+    to 1.5 px, so the crops vary as the datapipe's keypoints would make them.
+    """
+    from bolid.crops import crop_reference
+
+    kp = world.keypoints[idx].clone()
+    kp[..., 2] = (kp[..., 2] >= 2).float()
+    kp[..., :2] += 0.7 * torch.randn(kp[..., :2].shape, generator=gen)
+    kp[..., :2] += 3.0 * (torch.rand(len(idx), 1, 2, generator=gen) - 0.5)
+    crops = crop_reference((world.pixels[idx] + 1) / 2, kp, None, size, min_score=BODY_MIN_SCORE)
+    return crops.face, crops.person
+
+
 def train_eva_clip(world: World, steps: int, work: Path, batch: int = 64):
+    """Caption contrastive loss on whole-frame crops, plus :data:`EVA_ID_WEIGHT` x the identity-contrastive
+    loss on face crops and on person crops: ``batch // 2`` people, two photos each, every other person of the
+    batch a negative."""
     import open_clip
 
     model, _, tokenizer = mini.build_eva_clip(trained=False)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     loss_fn = open_clip.ClipLoss()
-    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD  # ClipImageEncoder's defaults
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    id_scale = torch.tensor(EVA_ID_LOGIT_SCALE)
+
+    def identity_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa = F.normalize(model.encode_image((a - mean_t) / std_t), dim=-1)
+        fb = F.normalize(model.encode_image((b - mean_t) / std_t), dim=-1)
+        return loss_fn(fa, fb, id_scale)
 
     def step(gen):
-        idx = world.batch(gen, batch)
+        a, b = world.pairs(gen, batch // 2)
+        idx = torch.cat([a, b])
         x = _clip_pixels(_crop_jitter(world.pixels[idx], gen), size, mean, std)
         out = model(x, tokenizer([world.captions[i] for i in idx]))
         if isinstance(out, dict):
             out = (out["image_features"], out["text_features"], out["logit_scale"])
-        return loss_fn(*out[:3])
+        face_a, person_a = _reference_crops(world, a, gen, size)
+        face_b, person_b = _reference_crops(world, b, gen, size)
+        ident = identity_loss(face_a, face_b) + identity_loss(person_a, person_b)
+        return loss_fn(*out[:3]) + EVA_ID_WEIGHT * ident
 
     _loop("eva_clip", model, model.parameters(), step, steps, work, lr=1e-3)
     return model
@@ -348,6 +404,45 @@ def measure_keypoints(out: Path, seed: int = 7, people: int = 40, photos: int = 
     return report
 
 
+def measure_identity(out: Path, seed: int = 7, people: int = 40, photos: int = 3) -> dict:
+    """Whether the trained EVA-CLIP tells people apart on a world it did not train on (``seed``).
+
+    BoLID's identity tokens come from this encoder's embeddings of a reference's face and person crops. Per
+    crop: the same-vs-different-person ROC AUC over every pair of photos, by the cosine of the embeddings
+    (``raw``) and of the embeddings minus their mean over the photos (``centred``: raw cosines of one encoder
+    sit near 1, and a linear projection, as the adapter's, can remove the common part). Crops are cut with
+    the exact keypoints. Written to ``<out>/identity_quality.json``.
+    """
+    from torchmetrics.functional.classification import binary_auroc
+
+    from bolid.crops import crop_reference
+    from bolid.image_encoder import ClipImageEncoder
+    from bolid.mini.world import iter_world
+
+    world = list(iter_world(seed, people, photos))
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for *_, im, _ in world]))
+    kp = torch.tensor(np.stack([k for *_, k in world]), dtype=torch.float32)
+    kp[..., 2] = (kp[..., 2] >= 2).float()
+    ident = np.array([i.name for i, *_ in world])
+    i, j = np.triu_indices(len(world), 1)
+    same = torch.from_numpy(ident[i] == ident[j]).long()
+    eva, _, _ = mini.build_eva_clip(trained=True)
+    encoder = ClipImageEncoder(eva, mini.EVA_CLIP_NAME)
+    crops = crop_reference(pixels.permute(0, 3, 1, 2), kp, None, encoder.image_size, min_score=BODY_MIN_SCORE)
+    report: dict = {"world": {"seed": seed, "people": people, "photos": photos}}
+    with torch.no_grad():
+        for name, x in (("face", crops.face), ("person", crops.person)):
+            f = encoder(x)
+            report[name] = {}
+            for how, g in (("raw", f), ("centred", f - f.mean(0))):
+                g = F.normalize(g, dim=-1)
+                sim = (g[i] * g[j]).sum(-1)
+                report[name][how] = round(float(binary_auroc(sim, same)), 3)
+    atomic_write(out / "identity_quality.json", json.dumps(report, indent=1))
+    print("identity quality:", json.dumps(report))
+    return report
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -356,6 +451,7 @@ def write_manifest(out: Path, command: str) -> None:
     """``<out>/README.md``: how each component was trained, how well the keypoint models read a new world,
     and every weight file's size and sha256 (adapters in subfolders included)."""
     log_file, quality_file = out / "training.json", out / "keypoint_quality.json"
+    identity_file = out / "identity_quality.json"
     trained = json.loads(log_file.read_text()) if log_file.exists() else {}
     lines = ["# BoLID-mini weights", "", "Trained from scratch on CPU by", "", "```", command, "```", ""]
     if trained:
@@ -382,6 +478,19 @@ def write_manifest(out: Path, command: str) -> None:
             f"| {q[k]['body_sim_auc']} |"
             for k in ("train", "eval")
         ]
+        lines.append("")
+    if identity_file.exists():
+        q = json.loads(identity_file.read_text())
+        w = q["world"]
+        lines += [
+            f"`eva_clip` on the same kind of new world (seed {w['seed']}, {w['people']} people x {w['photos']} "
+            "photos; `identity_quality.json`): same vs different person ROC AUC of its embeddings' cosine, on the "
+            "face and person crops BoLID encodes (centred: minus the mean embedding; chance 0.5):",
+            "",
+            "| crop | AUC, raw | AUC, centred |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {c} | {q[c]['raw']} | {q[c]['centred']} |" for c in ("face", "person")]
         lines.append("")
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
     lines += ["| file | size | sha256 |", "| --- | --- | --- |"]
@@ -451,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         write_body_stats(worlds[101], out)
         if (out / "vitpose_train.safetensors").exists():
             measure_keypoints(out)
+    if (out / "eva_clip.safetensors").exists():
+        measure_identity(out)
     write_manifest(out, "python -m bolid.mini.train " + " ".join(sys.argv[1:] if argv is None else argv))
     atomic_write(work / "settings.json", json.dumps({**vars(args), "steps": steps}, indent=1))
     return 0
