@@ -12,7 +12,8 @@ timm's ``Eva``), small configs, weights from ``bolid/mini/weights/*.safetensors`
   *different* ViTPose (other width, depth, feature layer and seed, trained on a different
   world) for Body Sim. Both run full-frame (one person per render): see :mod:`bolid.mini.pose`.
 * CLIP for CLIP-T / CLIP-I and the captioner, and the EVA-CLIP image encoder of the identity tokens (also
-  the stage-2 text loss): both trained contrastively on render/caption pairs.
+  the stage-2 text loss): both trained contrastively on render/caption pairs; the EVA-CLIP also on pairs of
+  photos of one person (face and person crops), so that its embeddings tell people apart.
 
 Builders that cannot find their weights raise ``FileNotFoundError`` naming the file and the command that
 makes it.
@@ -240,7 +241,8 @@ def proportion_stats() -> tuple[list[float], list[float]]:
 
 
 def build_eva_clip(trained: bool = True):
-    """open_clip EVA02 (the tiny kit's architecture, 32 px) trained on render/caption pairs."""
+    """open_clip EVA02 (the tiny kit's architecture, 32 px) trained on render/caption pairs and on pairs of
+    photos of one person (``bolid.mini.train.train_eva_clip``)."""
     model, preprocess, tokenizer = tiny.tiny_eva_clip()
     return _load(model, "eva_clip", trained), preprocess, tokenizer
 
