@@ -197,6 +197,27 @@ def test_reference_gain_compares_references_on_the_same_noise(tiny_shards):
         assert module.reference_gain(one_person, seed=5) is None
 
 
+def test_caption_gain_compares_captions_on_the_same_noise(tiny_shards):
+    """val/caption_gain, the scale for val/ref_gain: L_diff with the next sample's caption against the batch's own
+    L_diff on the same noise and timesteps; exactly what a separate diffusion_loss call on rolled captions gives."""
+    module = _module(stage=1, w_id=0.0, w_clip=0.0).eval()
+    a, b = _batch(tiny_shards, "train"), _batch(tiny_shards, "validation")
+    batch = {k: torch.cat([a[k], b[k]]) if isinstance(a[k], torch.Tensor) else a[k] + b[k] for k in a}
+    batch["caption"] = [f"a photo of a person {place}" for place in ("on a beach", "in a city", "in a forest")] + [
+        "a photo of a person in the snow"
+    ] * (len(batch["caption"]) - 3)
+    with torch.no_grad():
+        own = module.diffusion_loss(batch, torch.Generator().manual_seed(5), False)
+        gain = module.caption_gain(batch, seed=5, loss=own)
+        rolled = batch["caption"][1:] + batch["caption"][:1]
+        by_hand = module.diffusion_loss(batch, torch.Generator().manual_seed(5), False, text=module.encode_text(rolled))
+        assert torch.equal(gain["loss_diff_other_caption"], by_hand)
+        assert torch.allclose(gain["caption_gain"], (by_hand - own) / own)
+        assert abs(float(gain["caption_gain"])) > 1e-4  # another caption changes the prediction
+        same = {**batch, "caption": [batch["caption"][0]] * len(batch["caption"])}
+        assert module.caption_gain(same, seed=5, loss=own) is None  # nothing to swap
+
+
 def test_proportions_body_shape_drives_l_id_and_survives_the_adapter_file(tiny_shards, tmp_path):
     """With adapter.body_shape: proportions, L_id is 1 - cos of z-scored proportions (in [0, 2]) and reaches the body
     encoder; the statistics travel in adapter.json to the next stage."""
