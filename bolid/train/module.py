@@ -677,7 +677,7 @@ class BoLIDTrainingModule(L.LightningModule):
             return loss
         # A batch of one person has no other reference. Under DDP it still logs, with weight 0, so that every rank
         # logs the same keys (the epoch means are sums synced over ranks) and it counts for nothing.
-        n = 0 if gain is None else bs
+        n = 0 if gain is None else int(gain["samples"])  # the samples the swap compared
         zero = loss.new_zeros(())
         # own / other: the same samples (reference_swap may leave some out), comparable with each other
         for key, name in (("loss_diff", "loss_diff_own_ref"), ("loss_diff_other_ref", "loss_diff_other_ref"),
