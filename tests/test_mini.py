@@ -49,6 +49,26 @@ def test_write_world_writes_identity_folders_labels_and_refuses_other_settings(t
         write_world(root, seed=2, identities=3, photos=2)
 
 
+def test_look_captions_name_each_persons_own_look(tmp_path):
+    """The UNet's look captions: the photo's caption with the person's look for "a person", read back from the
+    world's seed; the same words for every photo of a person, and a clear error for a world of another seed."""
+    from bolid.mini.train import World
+    from bolid.mini.world import SKIN, SKIN_WORDS
+
+    root = write_world(tmp_path / "w", seed=3, identities=12, photos=2)
+    world = World(root)
+    looks = {}
+    for row, plain, look in zip(world.labels, world.captions, world.look_captions, strict=True):
+        ident = make_identity(3, int(row["identity"].rsplit("_", 1)[1]))
+        assert look == plain.replace("a person", ident.look, 1) and look != plain
+        assert f"{SKIN_WORDS[SKIN.index(ident.skin)]} skin" in look
+        assert looks.setdefault(row["identity"], ident.look) == ident.look
+    assert len(set(looks.values())) >= 10  # people differ in words, as they differ in looks
+    (root / "world.json").write_text((root / "world.json").read_text().replace('"seed": 3', '"seed": 4'))
+    with pytest.raises(ValueError, match="does not match world seed 4"):
+        World(root)
+
+
 # --------------------------------------------------------------------------------------------- mini kit
 
 

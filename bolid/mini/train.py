@@ -15,7 +15,11 @@ written to ``<out>/<name>.safetensors`` (atomically) and skipped on the next run
 * ``vae``: reconstruction (MSE + L1) plus a small KL term; its ``scaling_factor`` (1 / latent std) is stored
   in the file's metadata.
 * ``unet``: epsilon-prediction diffusion loss (min-SNR-5 weighted) on the VAE's latents with the (frozen,
-  random) text encoders' embeddings of the captions, 10% captions dropped for classifier-free guidance.
+  random) text encoders' embeddings of the captions, 10% captions dropped for classifier-free guidance. Half of
+  its captions also name who is in the photo (``"a photo of a tall slim person with dark skin and short black
+  hair on a beach, ..."``), as real text-to-image data names people's looks: without that the UNet never learns
+  to let anything but the noise decide skin, hair and build, and an identity adapter has nothing to steer.
+  BoLID's own captions (the datapipe's) never name the look: the identity has to come from the reference.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from PIL import Image
 
 from bolid.files import atomic_write
 from bolid.kits import mini
-from bolid.mini.world import read_labels, write_world
+from bolid.mini.world import make_identity, make_photo, read_labels, write_world
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ STEPS = {"vitpose_train": 3000, "vitpose_eval": 3000, "clip": 200, "eva_clip": 3
 BATCH = {"vitpose_train": 32, "vitpose_eval": 32, "clip": 64, "eva_clip": 64, "vae": 16, "unet": 32}
 #: Min-SNR loss weighting (Hang et al. 2023) for the UNet: gamma.
 MIN_SNR_GAMMA = 5.0
+#: Fraction of the UNet's training captions that also name the person's look (skin, hair, build, stature).
+LOOK_CAPTIONS = 0.5
 
 
 class World:
@@ -63,11 +69,27 @@ class World:
         self.pixels = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
         self.keypoints = torch.tensor([r["keypoints"] for r in self.labels], dtype=torch.float32)
         self.captions = [r["caption"] for r in self.labels]
+        #: the same captions naming who is in the photo (:attr:`bolid.mini.world.Identity.look`): the UNet learns
+        #: from both, so that its text path has a handle on skin, hair, build and stature
+        self.look_captions = self._look_captions()
         people: dict[str, list[int]] = {}
         for i, r in enumerate(self.labels):
             people.setdefault(r["identity"], []).append(i)
         #: row indices of each person's photos (people with at least two photos, for identity pairs)
         self.people = [torch.tensor(rows) for rows in people.values() if len(rows) >= 2]
+
+    def _look_captions(self) -> list[str]:
+        settings = json.loads((self.root / "world.json").read_text())
+        seed, spread = settings["seed"], settings["spread"]
+        out, people = [], {}
+        for r in self.labels:
+            i, j = int(r["identity"].rsplit("_", 1)[1]), int(Path(r["photo"]).stem)
+            ident = people.setdefault(i, make_identity(seed, i, spread))
+            photo = make_photo(seed, i, j)
+            if ident.name != r["identity"] or photo.caption != r["caption"]:
+                raise ValueError(f"{self.root}: {r['photo']} does not match world seed {seed} (re-render the world)")
+            out.append(photo.describe(ident.look))
+        return out
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -309,7 +331,10 @@ def _text_embeddings(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(embeds), torch.cat(pooled)
 
 
-def train_unet(world: World, vae, steps: int, work: Path, batch: int = 32, drop_text: float = 0.1):
+def train_unet(
+    world: World, vae, steps: int, work: Path, batch: int = 32, drop_text: float = 0.1, look: float = LOOK_CAPTIONS
+):
+    """The mini SDXL UNet, text-to-image; a fraction ``look`` of the captions also name the person's look."""
     from diffusers import DDPMScheduler
 
     model = mini.build_unet(trained=False)
@@ -317,11 +342,13 @@ def train_unet(world: World, vae, steps: int, work: Path, batch: int = 32, drop_
     with torch.no_grad():
         mean = torch.cat([vae.encode(world.pixels[i : i + 256]).latent_dist.mean for i in range(0, len(world), 256)])
     latents = mean * vae.config.scaling_factor
-    unique = sorted(set(world.captions))
+    unique = sorted(set(world.captions) | set(world.look_captions))
     emb, pooled = _text_embeddings(unique)
     # A dropped caption is the zero embedding: SDXL's negative for an empty prompt (force_zeros_for_empty_prompt).
     emb, pooled = torch.cat([emb, torch.zeros_like(emb[:1])]), torch.cat([pooled, torch.zeros_like(pooled[:1])])
-    cap_idx = torch.tensor([unique.index(c) for c in world.captions])
+    where = {c: k for k, c in enumerate(unique)}
+    cap_idx = torch.tensor([where[c] for c in world.captions])
+    look_idx = torch.tensor([where[c] for c in world.look_captions])
     empty = len(unique)
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
     alphas = scheduler.alphas_cumprod
@@ -329,7 +356,8 @@ def train_unet(world: World, vae, steps: int, work: Path, batch: int = 32, drop_
     def step(gen):
         idx = world.batch(gen, batch)
         x0 = latents[idx]
-        c = cap_idx[idx].clone()
+        u = torch.rand(batch, generator=gen)
+        c = torch.where(u < look, look_idx[idx], cap_idx[idx])
         c[torch.rand(batch, generator=gen) < drop_text] = empty
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
@@ -462,6 +490,9 @@ def write_manifest(out: Path, command: str) -> None:
             for n, r in sorted(trained.items())
         ]
         lines.append("")
+        if "look_captions" in trained.get("unet", {}):
+            share = trained["unet"]["look_captions"]
+            lines += [f"`unet`: {share:.0%} of its training captions also name the look (`--look-captions`).", ""]
     if quality_file.exists():
         q = json.loads(quality_file.read_text())
         w = q["world"]
@@ -514,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every component's steps (quick runs: 0.02)")
     p.add_argument("--only", nargs="*", choices=list(STEPS), help="train only these components")
     p.add_argument("--steps", nargs="*", default=[], metavar="NAME=N", help="set a component's steps (resumes past it)")
+    p.add_argument(
+        "--look-captions",
+        type=float,
+        default=LOOK_CAPTIONS,
+        metavar="P",
+        help="fraction of the UNet's captions that also name the person's look (0: scene and clothes only)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work, out = Path(args.work), Path(args.out)
@@ -551,10 +589,11 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "vae":
             model, meta = train_vae(w, n, work, batch=b)
         else:
-            model = train_unet(w, mini.build_vae(trained=True), n, work, batch=b)
+            model = train_unet(w, mini.build_vae(trained=True), n, work, batch=b, look=args.look_captions)
         _save(model, out, name, meta)
         seed = 102 if name == "vitpose_eval" else 101
-        _record(out, name, {"steps": n, "batch": b, "world_seed": seed, "seconds": round(time.time() - t0, 1)})
+        entry = {"steps": n, "batch": b, "world_seed": seed, "seconds": round(time.time() - t0, 1)}
+        _record(out, name, {**entry, "look_captions": args.look_captions} if name == "unet" else entry)
         print(f"{name}: wrote {out / f'{name}.safetensors'}")
     if (out / "vitpose_eval.safetensors").exists():
         write_body_stats(worlds[101], out)

@@ -72,6 +72,10 @@ SKIN = ((255, 220, 185), (235, 190, 150), (200, 150, 110), (160, 110, 75), (110,
 HAIR = {"black": (20, 18, 18), "brown": (100, 60, 30), "blond": (225, 195, 110), "red": (170, 70, 30),
         "grey": (160, 160, 160)}  # fmt: skip
 HAIR_STYLES = ("short", "long", "bald")
+#: Words for the skin tones (in ``SKIN``'s order) and the thresholds of "short"/"tall" stature and "slim"/"stocky"
+#: build (about the thirds of the world's distributions) for captions that name a person's look.
+SKIN_WORDS = ("pale", "fair", "olive", "tan", "brown", "dark")
+STATURE_WORDS, BUILD_WORDS = ((0.70, "short"), (0.74, "tall")), ((-0.3, "slim"), (0.3, "stocky"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,15 @@ class Identity:
     skin: tuple[int, int, int]
     hair: str
     hair_style: str
+
+    @property
+    def look(self) -> str:
+        """The person in words, for a caption: ``"a tall stocky person with dark skin and short black hair"``."""
+        words = []
+        for value, ((low, small), (high, large)) in ((self.stature, STATURE_WORDS), (self.build, BUILD_WORDS)):
+            words += [small] if value < low else [large] if value > high else []
+        hair = "no hair" if self.hair_style == "bald" else f"{self.hair_style} {self.hair} hair"
+        return " ".join(["a", *words, f"person with {SKIN_WORDS[SKIN.index(self.skin)]} skin and {hair}"])
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,12 @@ class Photo:
 
     @property
     def caption(self) -> str:
-        return f"a photo of a person {self.scene}, wearing a {self.shirt} shirt and {self.trousers} trousers"
+        """What a captioner can see: the scene and the clothes (never who the person is)."""
+        return self.describe("a person")
+
+    def describe(self, subject: str) -> str:
+        """The caption with ``subject`` for "a person" (e.g. :attr:`Identity.look`)."""
+        return f"a photo of {subject} {self.scene}, wearing a {self.shirt} shirt and {self.trousers} trousers"
 
 
 def make_identity(seed: int, index: int, spread: float = 3.0) -> Identity:
