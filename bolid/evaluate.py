@@ -65,6 +65,7 @@ from bolid.results import (
     Row,
     cluster_bootstrap_ci,
     comparison_grid,
+    paired_gain,
     save_image,
     write_results,
 )
@@ -381,6 +382,7 @@ class _Run:
         if face is not None:
             named["face_sim"] = face
         groups: list[str] = []
+        samples: dict[tuple[str, int, int], float] = {}
         bar = tqdm(total=len(ds.identities) * len(self.prompts), desc=f"{variant.name} / {ds.name}", unit="prompt")
         for ident in ds.identities:
             log.debug("model %s, dataset %s, identity %s", variant.name, ds.name, ident.name)
@@ -399,6 +401,8 @@ class _Run:
                 groups.extend([ident.name] * n)
                 self.firsts[ds.name, variant.name, ident.name, pi] = batch.images[0]
                 scores = {m: metric.per_sample()[n0:] for m, metric in named.items()}
+                for k, value in enumerate(scores["body_sim"].tolist()):
+                    samples[ident.name, pi, k] = value
                 for k, (seed, path) in enumerate(zip(self.seeds, batch.paths, strict=True)):
                     line = {"path": path, "model": variant.name, "dataset": ds.name, "identity": ident.name}
                     line["body_sim_against"] = ident.held_out_source or ident.sources[0]
@@ -413,7 +417,7 @@ class _Run:
             )
             metrics[name] = MetricResult(mean, low, high, n, len(set(groups)))
         rate = float(body.compute()["failure_rate"])
-        row = Row(ds.name, variant.name, metrics, int(body.num_pairs), rate, body.failures())
+        row = Row(ds.name, variant.name, metrics, int(body.num_pairs), rate, body.failures(), body_sim_samples=samples)
         if face is not None:
             row.face_pairs, row.face_failures = int(face.num_pairs), face.failures()
             row.face_failure_rate = float(face.compute()["failure_rate"])
@@ -506,6 +510,10 @@ def evaluate(
         r.dataset: _num(torch.tensor(r.metrics["body_sim"].mean)) for r in rows if r.model == no_identity.name
     }
     record["clip_i_reference"] = {v.name: (v.no_identity or no_identity).name for v in variants}
+    chance_rows = {r.dataset: r for r in rows if r.model == no_identity.name}
+    for r in rows:
+        if r.model != no_identity.name and r.dataset in chance_rows:
+            r.body_sim_gain = paired_gain(r, chance_rows[r.dataset], s.ci_resamples, s.seed)
     if run.face_scorer is not None:
         record["face_sim_model"] = run.face_scorer.faces.settings
     write_results(rows, out, [v.name for v in variants], [d.name for d in datasets], record)

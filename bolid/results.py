@@ -12,7 +12,7 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,10 @@ class Row:
     face_pairs: int = 0
     face_failure_rate: float = math.nan
     face_failures: dict[str, int] | None = None
+    #: each image's Body Sim (NaN: not scored) by ``(identity, prompt index, seed index)``, for paired comparisons
+    body_sim_samples: dict[tuple[str, int, int], float] = field(default_factory=dict, repr=False)
+    #: Body Sim minus the no-identity model's on the same images' prompts, seeds and photos (:func:`paired_gain`)
+    body_sim_gain: MetricResult | None = None
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -89,6 +93,21 @@ def cluster_bootstrap_ci(
     alpha = (1 - level) / 2
     low, high = torch.quantile(stats, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
     return mean, low, high, n
+
+
+def paired_gain(row: Row, base: Row, resamples: int = 2000, seed: int = 0) -> MetricResult:
+    """``row``'s Body Sim minus ``base``'s, image by image (same identity, prompt and seed), with a bootstrap CI.
+
+    Both models are scored against the same held-out photos, so the person's own difficulty cancels and the
+    interval is far tighter than the two rows' own intervals side by side. Images that either model failed to
+    score are left out; whole identities are resampled (:func:`cluster_bootstrap_ci`).
+    """
+    keys = [k for k in row.body_sim_samples if k in base.body_sim_samples]
+    diff = torch.tensor([row.body_sim_samples[k] - base.body_sim_samples[k] for k in keys], dtype=torch.float64)
+    groups = [k[0] for k in keys]
+    mean, low, high, n = cluster_bootstrap_ci(diff, groups, resamples, seed)
+    scored = {g for g, d in zip(groups, diff.tolist(), strict=True) if not math.isnan(d)}
+    return MetricResult(mean, low, high, n, len(scored))
 
 
 # ------------------------------------------------------------------------------------------- image files
@@ -202,6 +221,27 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
             "as it scores above this.",
             "",
         ]
+    gains = [r for r in rows if r.body_sim_gain is not None]
+    if gains:
+        gain_datasets = [d for d in datasets if any(r.dataset == d for r in gains)]
+        lines += [
+            f"## Body Sim over {record.get('no_identity_model')}, paired",
+            "",
+            "| Model | " + " | ".join(f"{d} · Body Sim − chance" for d in gain_datasets) + " |",
+            "|" + "---|" * (len(gain_datasets) + 1),
+        ]
+        by_gain = {(r.dataset, r.model): r.body_sim_gain for r in gains}
+        for model in models:
+            if any((d, model) in by_gain for d in gain_datasets):
+                cells = [_interval(by_gain[d, model]) if (d, model) in by_gain else "" for d in gain_datasets]
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Mean difference from the no-identity model's Body Sim on the same identity, prompt, seed and held-out "
+            "photo, [95% CI] (percentile bootstrap over identities). Paired, it cancels how hard each person's "
+            "photo is to match, so it can be clear of 0 where the table's intervals overlap.",
+            "",
+        ]
     lines += [
         "## Body Sim failures",
         "",
@@ -235,8 +275,8 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
         w = csv.writer(f)
         w.writerow(["dataset", "model", "metric", "mean", "ci_low", "ci_high", "n", "n_identities", "failure_rate"])
         for r in rows:
-            for m in metrics:
-                x = r.metrics[m]
+            extra = {"body_sim_gain": r.body_sim_gain} if r.body_sim_gain is not None else {}
+            for m, x in [(m, r.metrics[m]) for m in metrics] + list(extra.items()):
                 rate = {"body_sim": f"{r.failure_rate:.6f}", "face_sim": _fmt(r.face_failure_rate)}.get(m, "")
                 w.writerow(
                     [
@@ -269,11 +309,24 @@ def write_results(rows: Sequence[Row], out: Path, models: Sequence[str], dataset
                     else {}
                 ),
                 "metrics": {m: {k: _json_num(v) for k, v in asdict(x).items()} for m, x in r.metrics.items()},
+                **(
+                    {"body_sim_gain": {k: _json_num(v) for k, v in asdict(r.body_sim_gain).items()}}
+                    if r.body_sim_gain is not None
+                    else {}
+                ),
             }
             for r in rows
         ],
     }
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+
+
+def _interval(x: MetricResult) -> str:
+    if math.isnan(x.mean):
+        return "n/a"
+    if math.isnan(x.ci_low):
+        return f"{x.mean:+.3f} [n/a]"
+    return f"{x.mean:+.3f} [{x.ci_low:+.3f}, {x.ci_high:+.3f}]"
 
 
 def _fmt(v: float) -> str:

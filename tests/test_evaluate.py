@@ -186,6 +186,45 @@ def test_cluster_bootstrap_width_matches_the_standard_error():
     assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.15)
 
 
+def test_paired_gain_cancels_each_persons_difficulty(tmp_path):
+    """Body Sim over the base, image by image: people differ far more than the model's gain, so the two rows'
+    own intervals overlap, while the paired interval is tight around the true gain (+0.1) and clear of 0.
+    Images either model failed to score are left out."""
+    from bolid.results import MetricResult, Row, paired_gain, write_results
+
+    g = torch.Generator().manual_seed(0)
+    people = [f"p{i}" for i in range(20)]
+    level = torch.rand(20, generator=g) * 0.8 - 0.4  # how well anything matches each person's held-out photo
+    base, model = {}, {}
+    for i, person in enumerate(people):
+        for prompt in range(3):
+            for k in range(2):
+                noise = float(torch.randn((), generator=g)) * 0.02
+                base[person, prompt, k] = float(level[i]) + noise
+                model[person, prompt, k] = float(level[i]) + 0.1 + noise + float(torch.randn((), generator=g)) * 0.02
+    model["p0", 0, 0] = float("nan")  # a failure: that image counts for neither
+    rows = []
+    for name, samples in (("Base", base), ("BoLID", model)):
+        values = torch.tensor(list(samples.values()))
+        mean, low, high, n = cluster_bootstrap_ci(values, [k[0] for k in samples], 1000)
+        metrics = {"body_sim": MetricResult(mean, low, high, n, 20)}
+        failures = {"no_body": 0, "no_reference_body": 0, "too_few_features": 0}
+        rows.append(Row("Mini test", name, metrics, n, 0.0, failures, body_sim_samples=samples))
+    (b, m) = [r.metrics["body_sim"] for r in rows]
+    assert m.ci_low < b.ci_high  # side by side the intervals overlap ...
+    gain = paired_gain(rows[1], rows[0], resamples=1000)
+    assert gain.n == 20 * 6 - 1 and gain.n_identities == 20
+    assert gain.mean == pytest.approx(0.1, abs=0.01)
+    assert 0.08 < gain.ci_low < gain.mean < gain.ci_high < 0.12  # ... paired, the gain is clear of 0
+    rows[1].body_sim_gain = gain
+    write_results(rows, tmp_path, ["Base", "BoLID"], ["Mini test"], {"no_identity_model": "Base", "run": {}})
+    md = (tmp_path / "results.md").read_text()
+    assert "## Body Sim over Base, paired" in md
+    assert f"| BoLID | {gain.mean:+.3f} [{gain.ci_low:+.3f}, {gain.ci_high:+.3f}] |" in md
+    saved = json.loads((tmp_path / "results.json").read_text())["results"][1]["body_sim_gain"]
+    assert saved["mean"] == pytest.approx(gain.mean)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -241,7 +280,9 @@ def test_results_table_is_laid_out_as_in_the_paper(run):
     assert "## Body Sim failures" in md and '"command": "python -m bolid eval --config' in md
 
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 2 * 4 * 3  # datasets x models x metrics
+    assert len(rows) == 2 * 4 * 3 + 2 * 3  # datasets x models x metrics, + each BoLID model's paired Body Sim gain
+    assert {r["model"] for r in rows if r["metric"] == "body_sim_gain"} == {m["name"] for m in config["models"][1:]}
+    assert "## Body Sim over SDXL-Lightning, paired" in md
     base_clip_i = [r for r in rows if r["model"] == "SDXL-Lightning" and r["metric"] == "clip_i"]
     assert all(float(r["mean"]) == pytest.approx(1.0, abs=1e-5) for r in base_clip_i)  # compared with itself
 
