@@ -553,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of the UNet's captions that also name the person's look (0: scene and clothes only)",
     )
     args = p.parse_args(argv)
+    if not 0.0 <= args.look_captions <= 1.0:
+        p.error(f"--look-captions: a fraction from 0 to 1, got {args.look_captions}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work, out = Path(args.work), Path(args.out)
     os.environ["BOLID_MINI_WEIGHTS"] = str(out)  # the UNet's latents come from the VAE just written there
