@@ -506,11 +506,11 @@ def evaluate(
     record["datasets"] = {d.name: [i.name for i in d.identities] for d in datasets}
     record["models"] = {v.name: v.settings for v in variants}
     record["no_identity_model"] = no_identity.name
+    chance_rows = {r.dataset: r for r in rows if r.model == no_identity.name}
     record["body_sim_chance_level"] = {
-        r.dataset: _num(torch.tensor(r.metrics["body_sim"].mean)) for r in rows if r.model == no_identity.name
+        d: _num(torch.tensor(r.metrics["body_sim"].mean)) for d, r in chance_rows.items()
     }
     record["clip_i_reference"] = {v.name: (v.no_identity or no_identity).name for v in variants}
-    chance_rows = {r.dataset: r for r in rows if r.model == no_identity.name}
     for r in rows:
         if r.model != no_identity.name and r.dataset in chance_rows:
             r.body_sim_gain = paired_gain(r, chance_rows[r.dataset], s.ci_resamples, s.seed)

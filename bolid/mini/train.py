@@ -391,6 +391,18 @@ def write_body_stats(world: World, out: Path) -> None:
     print(f"body stats ({d['source']}): mean {d['mean']} std {d['std']}; exact keypoints: std {d['exact_std']}")
 
 
+def _held_out_pairs(seed: int, people: int, photos: int) -> tuple[list, np.ndarray, np.ndarray, torch.Tensor]:
+    """A world none of the components trained on (``seed``), and every pair of its photos: ``(world, i, j,
+    same)`` with ``world`` the :func:`bolid.mini.world.iter_world` tuples, ``i < j`` the pairs' rows and ``same``
+    1 where both photos show one person (long, for ``binary_auroc``)."""
+    from bolid.mini.world import iter_world
+
+    world = list(iter_world(seed, people, photos))
+    ident = np.array([person.name for person, *_ in world])
+    i, j = np.triu_indices(len(world), 1)
+    return world, i, j, torch.from_numpy(ident[i] == ident[j]).long()
+
+
 def measure_keypoints(out: Path, seed: int = 7, people: int = 40, photos: int = 3) -> dict:
     """How well each trained keypoint model reads a world none of them trained on (``seed``).
 
@@ -401,20 +413,16 @@ def measure_keypoints(out: Path, seed: int = 7, people: int = 40, photos: int = 
     from torchmetrics.functional.classification import binary_auroc
 
     from bolid.metrics import body_similarity, keypoints_of, proportion_stats
-    from bolid.mini.world import iter_world
 
-    world = list(iter_world(seed, people, photos))
+    world, i, j, same = _held_out_pairs(seed, people, photos)
     images = [im for *_, im, _ in world]
-    ident = np.array([i.name for i, *_ in world])
     exact = torch.tensor(np.stack([kp for *_, kp in world]))
-    i, j = np.triu_indices(len(world), 1)
-    same = ident[i] == ident[j]
 
     def auc(kp: torch.Tensor) -> float:
         mean, std = proportion_stats(kp, min_score=BODY_MIN_SCORE)
         sim, _ = body_similarity(kp[i], kp[j], mean, std, min_score=BODY_MIN_SCORE)
         sim = torch.nan_to_num(sim, nan=-1.0)  # failures count as the lowest score
-        return float(binary_auroc(sim, torch.from_numpy(same).long()))
+        return float(binary_auroc(sim, same))
 
     report = {"world": {"seed": seed, "people": people, "photos": photos}, "exact": {"body_sim_auc": auc(exact)}}
     for kind in ("train", "eval"):
@@ -445,15 +453,11 @@ def measure_identity(out: Path, seed: int = 7, people: int = 40, photos: int = 3
 
     from bolid.crops import crop_reference
     from bolid.image_encoder import ClipImageEncoder
-    from bolid.mini.world import iter_world
 
-    world = list(iter_world(seed, people, photos))
+    world, i, j, same = _held_out_pairs(seed, people, photos)
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for *_, im, _ in world]))
     kp = torch.tensor(np.stack([k for *_, k in world]), dtype=torch.float32)
     kp[..., 2] = (kp[..., 2] >= 2).float()
-    ident = np.array([i.name for i, *_ in world])
-    i, j = np.triu_indices(len(world), 1)
-    same = torch.from_numpy(ident[i] == ident[j]).long()
     eva, _, _ = mini.build_eva_clip(trained=True)
     encoder = ClipImageEncoder(eva, mini.EVA_CLIP_NAME)
     crops = crop_reference(pixels.permute(0, 3, 1, 2), kp, None, encoder.image_size, min_score=BODY_MIN_SCORE)
