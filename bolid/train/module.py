@@ -628,7 +628,7 @@ class BoLIDTrainingModule(L.LightningModule):
         ``L_diff`` of the batch (no dropout) with each sample's own reference, and again with the reference of
         another person in the batch (:func:`reference_swap`), on the same noise, timesteps and text.
         ``ref_gain`` is their difference relative to the first: 0 when the adapter ignores who the reference
-        shows, and what stage 1 learns identity from (about 0.2% for BoLID-mini, docs/mini/README.md).
+        shows, and what stage 1 learns identity from (0.8% for BoLID-mini's stage 1, docs/mini/README.md).
         ``samples``: how many of the batch's samples were compared. ``None`` for a batch of one person.
         """
         pairs = reference_swap(batch["identity"])
@@ -651,8 +651,8 @@ class BoLIDTrainingModule(L.LightningModule):
         """How much the right caption is worth to the diffusion loss: the scale for ``ref_gain``.
 
         ``L_diff`` with each sample's caption replaced by the next sample's (rolled by one), on the noise and
-        timesteps that gave ``loss`` (the batch's own ``L_diff`` with ``seed``), relative to ``loss``. About 24% for
-        BoLID-mini, where the caption names scene and clothes. ``None`` when the batch has a single caption.
+        timesteps that gave ``loss`` (the batch's own ``L_diff`` with ``seed``), relative to ``loss``. 5-6% for
+        BoLID-mini's stage 1, where the caption names scene and clothes. ``None`` when the batch has a single caption.
         """
         captions = list(batch["caption"])
         if len(set(captions)) < 2:
