@@ -132,3 +132,17 @@ def test_training_configs_reject_a_typo(path):
     assert cli.config["model"]["components"] in ("tiny", "real", "mini")
     with pytest.raises(SystemExit):
         parse_fit_config(path, "--model.lrr", "1")
+
+
+def test_seed_everything_seeds_the_data_order_and_the_training_noise(capsys):
+    """``seed_everything`` is the run's one seed: the DataModule's order and the module's per-step noise (both
+    seeded explicitly, for exact resumes) follow it, a random ``true`` included; neither can be set apart."""
+    tiny = CONFIG_DIR / "fit" / "tiny.yaml"
+    for extra, seed in (((), 0), (("--seed_everything", "7"), 7)):
+        config = parse_fit_config(tiny, *extra).config
+        assert (config.data.seed, config.model.seed) == (seed, seed)
+    drawn = parse_fit_config(tiny, "--seed_everything", "true").config
+    assert isinstance(drawn.seed_everything, int) and drawn.data.seed == drawn.model.seed == drawn.seed_everything
+    with pytest.raises(SystemExit):
+        parse_fit_config(tiny, "--data.seed", "3")
+    assert 'must be given via "seed_everything"' in capsys.readouterr().err

@@ -30,7 +30,23 @@ class BoLIDCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.seed", "model.seed")
+        # One seed for a run, Lightning's own ``seed_everything``: the data order and the module's per-step
+        # noise (both seeded explicitly, so a resumed run draws what an uninterrupted one would) follow it.
+        # Neither is a key of its own, so a config cannot set one seed and silently train on another.
+        for target in ("data.seed", "model.seed"):
+            parser.link_arguments("seed_everything", target, compute_fn=_placeholder_seed)
+
+    def before_instantiate_classes(self) -> None:
+        # ``_set_seed`` has run: ``seed_everything: true`` is now the random seed it drew, ``false`` stays false.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        seed = 0 if seed is False or seed is None else int(seed)
+        config.data.seed = config.model.seed = seed
+
+
+def _placeholder_seed(seed) -> int:
+    """``seed_everything`` at parse time; ``true`` (a random seed) is resolved in ``before_instantiate_classes``."""
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
