@@ -65,6 +65,11 @@ class CropParams:
         return torch.tensor([*self.original_size, *self.crop_top_left, *self.target_size], dtype=torch.float32)
 
 
+#: Validation and test draw their pairs, batches and noise with this seed whatever the run's seed
+#: (``seed_everything``): runs of different seeds are scored on the same evaluation.
+EVAL_SEED = 0
+
+
 def _resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
     """``(width, height)`` after :func:`resize_and_crop`'s resize: the short side to ``resolution``."""
     scale = resolution / min(w, h)

@@ -319,6 +319,24 @@ def _fit(tmp: Path, shards: Path, max_steps: int, ckpt_path: str | None = None) 
     }
 
 
+def test_runs_of_different_seeds_train_differently_and_are_validated_alike(tiny_shards):
+    """The run's seed reorders the training pairs and redraws the training noise; validation's pairs, batches
+    and noise stay fixed (EVAL_SEED), so val/loss_diff compares runs of different seeds on the same terms."""
+    scores, orders, noise = [], [], []
+    for seed in (0, 5):
+        dm = PairDataModule(str(tiny_shards), resolution=64, crop_size=32, batch_size=2, num_workers=0,
+                            shuffle_buffer=4, seed=seed)  # fmt: skip
+        dm.setup("fit")
+        orders.append([k for b in dm.train_dataloader() for k in b["key"]])
+        L.seed_everything(0)  # the same adapter weights: only the seed hyperparameter differs
+        module = _module(stage=1, w_id=0.0, w_clip=0.0, seed=seed)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
+        scores.append(trainer.validate(module, dm, verbose=False)[0]["val/loss_diff"])
+        noise.append(torch.randn(4, generator=module._generator()))
+    assert orders[0] != orders[1] and not torch.equal(noise[0], noise[1])
+    assert scores[0] == scores[1] > 0
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     steps = PairDataset.from_index(
         __import__("bolid.shards", fromlist=["read_index"]).read_index(tiny_shards),

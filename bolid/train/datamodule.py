@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from bolid.data import PairDataset, collate_pairs
+from bolid.data import EVAL_SEED, PairDataset, collate_pairs
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class PairDataModule(L.LightningDataModule):
         random_flip: probability-0.5 horizontal flip of training targets.
         shuffle_buffer: pairs held for shuffling across identities (validation and test: the same order at
             every validation).
-        seed: base seed; epoch ``e`` of worker ``w`` on rank ``r`` uses a seed derived from all four.
+        seed: training seed (`seed_everything`); epoch ``e`` of worker ``w`` on rank ``r`` uses a seed derived from
+            all four. Validation and test use :data:`bolid.data.EVAL_SEED` whatever it is.
         val_pairs: pairs per validation/test pass (default: the split's sample count).
     """
 
@@ -65,9 +66,8 @@ class PairDataModule(L.LightningDataModule):
             raise ValueError(f"data.epoch_pairs must be >= 1 or null, got {epoch_pairs}")
         self.shards = Path(shards)
         self.crop_size = crop_size
-        self.kw = dict(
-            resolution=resolution, crop_size=crop_size or 336, min_score=0.3, seed=seed, shuffle_buffer=shuffle_buffer
-        )
+        self.kw = dict(resolution=resolution, crop_size=crop_size or 336, min_score=0.3, shuffle_buffer=shuffle_buffer)
+        self.seed = seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resampled, self.epoch_pairs, self.val_pairs = resampled, epoch_pairs, val_pairs
         self.random_crop, self.random_flip = random_crop, random_flip
@@ -93,6 +93,7 @@ class PairDataModule(L.LightningDataModule):
                 world_size=world,
                 batch_size=self.batch_size,
                 epoch_pairs=self.epoch_pairs if train else self.val_pairs,
+                seed=self.seed if train else EVAL_SEED,
                 **self.kw,
             )
             self._datasets[split] = ds

@@ -48,7 +48,7 @@ from bolid.adapter import AdapterConfig, BodyConditionModule, IdentityEmbeds
 from bolid.body import BODY_INDICES
 from bolid.components import DTYPES as _DTYPES
 from bolid.config import ComponentsConfig
-from bolid.data import batch_crops
+from bolid.data import EVAL_SEED, batch_crops
 from bolid.image_encoder import ClipImageEncoder
 from bolid.lightning_lora import set_lora_enabled
 from bolid.losses import (
@@ -134,7 +134,8 @@ class BoLIDTrainingModule(L.LightningModule):
         compile_unet: ``torch.compile`` the frozen UNets in place (``nn.Module.compile``; the first steps are slow
             while it compiles; ``make bench-gpu`` reports whether it pays off on your GPU).
         ema_decay: keep an exponential moving average of the adapter weights with this decay (``null`` = off).
-        seed: base seed for per-step randomness.
+        seed: base seed for per-step training randomness (`seed_everything`); validation and test noise use
+            :data:`bolid.data.EVAL_SEED`, so runs of different seeds are scored alike.
         sample_every_n_steps: log a sample grid (reference | with ID | without ID) every this many steps
             (0 = off).
         sample_steps: sampler steps for the grid (the Lightning UNet's count when present).
@@ -662,7 +663,7 @@ class BoLIDTrainingModule(L.LightningModule):
         return {"loss_diff_other_caption": other, "caption_gain": (other - loss) / loss.clamp(min=1e-12)}
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        seed, bs = self.hparams.seed + 7919 * batch_idx, batch["pixels"].shape[0]
+        seed, bs = EVAL_SEED + 7919 * batch_idx, batch["pixels"].shape[0]
         gain = self.reference_gain(batch, seed)
         if gain is not None and gain["samples"] == bs:  # its own-reference pass is this batch's L_diff
             loss = gain["loss_diff"]
@@ -687,7 +688,7 @@ class BoLIDTrainingModule(L.LightningModule):
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED + 7919 * batch_idx)
         loss = self.diffusion_loss(batch, generator, dropout=False)
         self.log("test/loss_diff", loss, batch_size=batch["pixels"].shape[0], sync_dist=True)
         return loss
