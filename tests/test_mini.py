@@ -222,8 +222,10 @@ def learned(mini_pipe):
         photos.setdefault(ident.name, []).append(im)
     refs, held = zip(*photos.values(), strict=True)
 
-    def generate(reference):
-        return [im for p in PROMPTS for im in _generate(mini_pipe, p, reference)]
+    def generate(reference):  # every prompt, seeds 0..IMAGES-1
+        kw = dict(references=None if reference is None else [reference], seed=0, num_images=IMAGES, steps=8,
+                  guidance_scale=3.0)  # fmt: skip
+        return [im for p in PROMPTS for im in mini_pipe(p, **kw).images]
 
     pose = mini.pose_extractor("eval")
     held_kps = keypoints_of(pose, list(held))
@@ -231,11 +233,6 @@ def learned(mini_pipe):
     base_kps = keypoints_of(pose, generate(None))
     shape = (len(PROMPTS), IMAGES, 17, 3)
     return _body_sims(pose, gen_kps.view(PEOPLE, *shape), held_kps), _body_sims(pose, base_kps.view(shape), held_kps)
-
-
-def _generate(pipe, prompt, reference=None):
-    return pipe(prompt, references=None if reference is None else [reference], seed=0, num_images=IMAGES, steps=8,
-                guidance_scale=3.0).images  # fmt: skip
 
 
 @pytest.mark.slow
