@@ -169,7 +169,8 @@ def report(out: Path, docs: Path, timings: dict, args: argparse.Namespace) -> No
     settings = {
         "command": "python -m demo.mini " + " ".join(args.argv),
         "world": json.loads((out / "world" / "world.json").read_text()),
-        "configs": {p.stem: yaml.safe_load(p.read_text()) for p in sorted((out / "configs").glob("*.yaml"))},
+        # only the configs this command wrote: <out>/configs may also hold a user's own experiments
+        "configs": {n: yaml.safe_load((out / "configs" / f"{n}.yaml").read_text()) for n in sorted(CONFIGS)},
         "stage_seconds": timings,
         "datapipe_stats": json.loads((out / "shards" / "stats.json").read_text()),
     }

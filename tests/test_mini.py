@@ -277,9 +277,12 @@ def test_make_mini_quick_runs_every_stage_and_resumes(tmp_path):
     settings = json.loads((docs / "settings.json").read_text())
     assert settings["world"]["identities"] == 12 and "stage1" in settings["configs"]
     adapters = {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in ("stage1", "stage2")}
+    (out / "configs" / "my_sweep.yaml").write_text("model: {lr: 0.1}\n")  # a user's own run beside make mini's
     assert main(["--quick", "--out", str(out), "--docs", str(docs)]) == 0
     assert {n: (out / n / "adapter" / "adapter.safetensors").stat().st_mtime for n in adapters} == adapters
     assert (docs / "results.md").read_text() == table
+    settings = json.loads((docs / "settings.json").read_text())
+    assert sorted(settings["configs"]) == ["ablation", "eval", "shards", "stage1", "stage2"]  # what make mini ran
 
 
 def test_mini_probe_refuses_an_adapter_it_cannot_read(tmp_path, capsys):
