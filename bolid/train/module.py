@@ -662,8 +662,13 @@ class BoLIDTrainingModule(L.LightningModule):
         other = self.diffusion_loss(batch, torch.Generator(device=self.device).manual_seed(seed), False, text=text)
         return {"loss_diff_other_caption": other, "caption_gain": (other - loss) / loss.clamp(min=1e-12)}
 
+    @staticmethod
+    def _eval_seed(batch_idx: int) -> int:
+        """The noise seed of validation/test batch ``batch_idx``: the same for every run, whatever its seed."""
+        return EVAL_SEED + 7919 * batch_idx
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        seed, bs = EVAL_SEED + 7919 * batch_idx, batch["pixels"].shape[0]
+        seed, bs = self._eval_seed(batch_idx), batch["pixels"].shape[0]
         gain = self.reference_gain(batch, seed)
         if gain is not None and gain["samples"] == bs:  # its own-reference pass is this batch's L_diff
             loss = gain["loss_diff"]
@@ -688,7 +693,7 @@ class BoLIDTrainingModule(L.LightningModule):
         return loss
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED + 7919 * batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(self._eval_seed(batch_idx))
         loss = self.diffusion_loss(batch, generator, dropout=False)
         self.log("test/loss_diff", loss, batch_size=batch["pixels"].shape[0], sync_dist=True)
         return loss
