@@ -339,7 +339,7 @@ def gaussian_ceiling(between: torch.Tensor, within: torch.Tensor, n: int = 20000
         q_diff = (x * x + y * y) / v
         return (-0.5 * (q_same - q_diff) - 0.5 * torch.log(det_same / (v * v))).sum(-1)
 
-    return auroc(torch.cat([llr(*pairs(True)), llr(*pairs(False))]), torch.cat([torch.ones(n), torch.zeros(n)]).bool())
+    return same_vs_different(llr(*pairs(True)), llr(*pairs(False)))
 
 
 def measure_multi(
