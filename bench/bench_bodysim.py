@@ -607,27 +607,20 @@ def report(real: dict, syn: dict, meta: dict) -> str:
     for name in ("v1", "v2", "v2 fit"):
         cells = [f"{syn['yaw'][y][name]:.3f}" for y in YAWS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {syn['different'][name]:.3f} |")
-    lines += [
-        "",
+    names = ("v1", "v2", "v2 fit")
+    lines += _grid(
         "The same pairs as a detector of the same body (ROC AUC, same body at each yaw against the different "
         "bodies; 0.5 = chance). The synthetic bench has unlimited training data and no detector-convention "
         "gap, so this is what one 2D view can tell at best with these estimators:",
-        "",
-        "| | " + " | ".join(f"yaw {y}°" for y in YAWS) + " |",
-        "|---|" + "---|" * len(YAWS),
-    ]
-    for name in ("v1", "v2", "v2 fit"):
-        lines.append(f"| {name} | " + " | ".join(f"{syn['yaw_auc'][y][name]:.3f}" for y in YAWS) + " |")
-    lines += [
-        "",
+        [f"yaw {y}°" for y in YAWS],
+        {name: [f"{syn['yaw_auc'][y][name]:.3f}" for y in YAWS] for name in names},
+    )
+    lines += _grid(
         "Keypoint-noise robustness: the same view without and with Gaussian jitter (sigma as a fraction of "
         "the torso length); mean score.",
-        "",
-        "| | " + " | ".join(f"jitter {100 * j:.0f}%" for j in JITTERS) + " |",
-        "|---|" + "---|" * len(JITTERS),
-    ]
-    for name in ("v1", "v2", "v2 fit"):
-        lines.append(f"| {name} | " + " | ".join(f"{syn['noise'][j][name]:.3f}" for j in JITTERS) + " |")
+        [f"jitter {100 * j:.0f}%" for j in JITTERS],
+        {name: [f"{syn['noise'][j][name]:.3f}" for j in JITTERS] for name in names},
+    )
 
     def met(ok: bool) -> str:
         return "met" if ok else "**not met**"
@@ -690,6 +683,12 @@ def report(real: dict, syn: dict, meta: dict) -> str:
         f"Command: `{command('bench.bench_bodysim')}`",
     ]
     return "\n".join(lines)
+
+
+def _grid(intro: str, columns: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """A paragraph, then a markdown table with an unnamed first column of row names."""
+    head = ["", intro, "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    return head + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
 def real_meta_line(meta: dict) -> str:
