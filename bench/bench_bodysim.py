@@ -268,7 +268,7 @@ def auroc_ci(
 
 def _robust_sd(x: torch.Tensor) -> torch.Tensor:
     """Per column: 1.4826 x the median absolute value (``x`` holds deviations from 0), NaN ignored."""
-    return torch.stack([1.4826 * x[~torch.isnan(x[:, j]), j].abs().median() for j in range(x.shape[1])])
+    return 1.4826 * x.abs().nanmedian(0).values
 
 
 def identity_vs_nuisance(real: dict, n: int = 4000, seed: int = 5) -> dict:
@@ -576,16 +576,14 @@ def report(real: dict, syn: dict, meta: dict) -> str:
     ]
     lines += [f"| {k} | {r:.3f} | {sy:.3f} | {g:+.1f} |" for k, (r, sy, g) in real["gap"].items()]
     nu = real["nuisance"]
-    lines += [
-        "",
+    lines += _grid(
         "Identity signal against pose, view and detector noise: how far each log 2D proportion moves between "
         "people and for one person between photos (robust SD = 1.4826 x median absolute deviation, in % of "
         "the proportion; synthetic within = one noisy view around the same body's clean frontal view):",
-        "",
-        "| spread (robust SD, %) | " + " | ".join(nu["names"]) + " |",
-        "|---|" + "---|" * len(nu["names"]),
-    ]
-    lines += [f"| {k} | " + " | ".join(f"{100 * float(v):.1f}" for v in sd) + " |" for k, sd in nu["sd"].items()]
+        list(nu["names"]),
+        {k: [f"{100 * float(v):.1f}" for v in sd] for k, sd in nu["sd"].items()},
+        corner="spread (robust SD, %)",
+    )
     ceil = nu["ceiling"]
     lines += [
         "",
@@ -594,20 +592,17 @@ def report(real: dict, syn: dict, meta: dict) -> str:
         f"{ceil['fullbody repeats']:.3f}, posevaried {ceil['posevaried']:.3f}, synthetic at 30° yaw "
         f"{ceil['synthetic yaw 30°']:.3f}.",
     ]
+    names = ("v1", "v2", "v2 fit")
     lines += [
         "",
         f"### Synthetic skeletons (`bolid.synthetic_bodies`, 2000 bodies (v2 fit: {FIT_N}), standing or walking)",
-        "",
+    ]
+    lines += _grid(
         "Same body turned by the yaw below (new pose, camera distance, pitch, roll and detector noise) "
         "against its yaw-0 view; different bodies at yaw 0. Targets: same body at 30° >= 0.85, different <= 0.2.",
-        "",
-        "| | " + " | ".join(f"yaw {y}°" for y in YAWS) + " | different bodies |",
-        "|---|" + "---|" * (len(YAWS) + 1),
-    ]
-    for name in ("v1", "v2", "v2 fit"):
-        cells = [f"{syn['yaw'][y][name]:.3f}" for y in YAWS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {syn['different'][name]:.3f} |")
-    names = ("v1", "v2", "v2 fit")
+        [f"yaw {y}°" for y in YAWS] + ["different bodies"],
+        {name: [f"{syn['yaw'][y][name]:.3f}" for y in YAWS] + [f"{syn['different'][name]:.3f}"] for name in names},
+    )
     lines += _grid(
         "The same pairs as a detector of the same body (ROC AUC, same body at each yaw against the different "
         "bodies; 0.5 = chance). The synthetic bench has unlimited training data and no detector-convention "
@@ -685,9 +680,15 @@ def report(real: dict, syn: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _grid(intro: str, columns: list[str], rows: dict[str, list[str]]) -> list[str]:
-    """A paragraph, then a markdown table with an unnamed first column of row names."""
-    head = ["", intro, "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+def _grid(intro: str, columns: list[str], rows: dict[str, list[str]], corner: str = "") -> list[str]:
+    """A paragraph, then a markdown table whose first column holds the row names (headed ``corner``)."""
+    head = [
+        "",
+        intro,
+        "",
+        "| " + (f"{corner} " if corner else "") + "| " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     return head + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
